@@ -1,0 +1,77 @@
+"""Normalisation of envelope addresses and client networks, in one place for every check.
+
+Greylisting keys on a sender that stays the same across a legitimate sender's retries, even
+when the MTA rewrites it per attempt (BATV, SRS, VERP, ``+extension`` tags).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Final
+
+from .model import IPAddress
+
+#: Key used for the null sender ``<>`` (bounces, DSNs); never an empty string.
+NULL_SENDER: Final = "<>"
+
+# BATV (draft-levine-smtp-batv): prvs=TAG=local@dom, msprvs1=TAG=local@dom, btv1==TAG==local@dom
+_BATV: Final = re.compile(r"^(?:prvs|msprvs1)=[^=@]+=(?P<local>.+)$|^btv1==[^=@]+==(?P<local2>.+)$")
+# SRS (libsrs2 / postsrsd): SRS0=HASH=TT=orig-domain=orig-local and
+# SRS1=HASH=first-forwarder==HASH=TT=orig-domain=orig-local; separators = + or -.
+_SRS0: Final = re.compile(r"^srs0[=+-][^=]*=[^=]*=(?P<domain>[^=]+)=(?P<local>.+)$")
+_SRS1: Final = re.compile(r"^srs1[=+-][^=]*=[^=]*==[^=]*=[^=]*=(?P<domain>[^=]+)=(?P<local>.+)$")
+# VERP and per-message tags: long hex runs containing a digit, then any digit run.
+_HEX_RUN: Final = re.compile(r"[0-9a-f]*[0-9][0-9a-f]*")
+_DIGITS: Final = re.compile(r"[0-9]+")
+_MIN_HEX_RUN: Final = 8
+
+
+def normalise_sender(sender: str) -> str:
+    """The sender as greylisting sees it: stable across a legitimate MTA's retries."""
+    address = sender.strip().strip("<>").lower()
+    if not address:
+        return NULL_SENDER
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if m := _SRS1.match(local) or _SRS0.match(local):
+        local, domain = m.group("local"), m.group("domain")
+    if m := _BATV.match(local):
+        local = m.group("local") or m.group("local2")
+    local = local.split("+", 1)[0] or local
+    local = _HEX_RUN.sub(lambda h: "#" if len(h.group()) >= _MIN_HEX_RUN else h.group(), local)
+    local = _DIGITS.sub("#", local)
+    return f"{local}@{domain}" if domain else local
+
+
+def normalise_recipient(recipient: str) -> str:
+    """Recipients are compared case-insensitively; tags are kept (they may route differently)."""
+    return recipient.strip().strip("<>").lower()
+
+
+def domain_of(address: str) -> str:
+    """The domain part of an address, lower-cased ('' when there is none)."""
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def client_network(address: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The client network in canonical CIDR text, e.g. ``192.0.2.0/24`` or ``2001:db8::/64``."""
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network((address, prefix), strict=False))
+
+
+def recipient_matches(recipient: str, patterns: tuple[str, ...]) -> bool:
+    """``user@dom`` exact, ``user@`` any domain, ``dom`` / ``@dom`` the whole domain."""
+    local, _, domain = recipient.rpartition("@")
+    for pattern in patterns:
+        p = pattern.strip().lower()
+        if p.endswith("@"):
+            if local == p[:-1]:
+                return True
+        elif "@" in p and not p.startswith("@"):
+            if recipient == p:
+                return True
+        elif domain == p.lstrip("@"):
+            return True
+    return False

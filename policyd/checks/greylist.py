@@ -1,0 +1,209 @@
+"""Greylisting (design.md §3): a pure state machine over one triplet and its client, and the
+thin async shell that applies whitelists and asks the store to run the machine atomically.
+
+Nothing here reads a clock: ``now`` is always passed in.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from ..addresses import client_network, normalise_recipient, normalise_sender, recipient_matches
+from ..config import GreylistConfig
+from ..model import Action, Query, Verdict
+
+CHECK: Final = "greylist"
+#: RFC 3463 "4.7.1 delivery not authorized" — the de-facto greylisting enhanced code.
+DEFER_CODE: Final = 451
+DEFER_ECODE: Final = "4.7.1"
+KEY_SEPARATOR: Final = "|"
+
+
+class Status(enum.Enum):
+    """What the state machine found; also the ``reason`` in logs and metrics."""
+
+    NEW = "new"
+    EARLY = "early-retry"
+    PASSED = "passed"
+    KNOWN = "known"
+    AUTO = "auto-whitelisted"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The durations and threshold the machine needs (seconds; 0 disables auto-whitelisting)."""
+
+    delay: float
+    retry_window: float
+    max_age: float
+    auto_whitelist_after: int
+
+    @classmethod
+    def from_config(cls, config: GreylistConfig) -> Timing:
+        return cls(config.delay, config.retry_window, config.max_age, config.auto_whitelist_after)
+
+
+@dataclass(frozen=True, slots=True)
+class Triplet:
+    """Stored state of one (client network, sender, recipient) triplet."""
+
+    first_seen: float
+    last_seen: float
+    passed: bool
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Stored state of one client key: distinct triplets passed, for auto-whitelisting."""
+
+    passes: int
+    last_seen: float
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One transition: the status, and the records to store with their absolute expiry.
+
+    ``triplet``/``client`` are None when that record is left unchanged.
+    """
+
+    status: Status
+    triplet: Triplet | None
+    triplet_expires: float
+    client: Client | None
+    client_expires: float
+    #: first-seen → pass, for a first pass (the delay actually imposed); else 0.
+    delayed: float
+    #: seconds until a retry can pass, for NEW/EARLY; else 0.
+    retry_in: float
+
+
+def _is_whitelisted(client: Client | None, now: float, timing: Timing) -> bool:
+    return (
+        client is not None
+        and timing.auto_whitelist_after > 0
+        and client.passes >= timing.auto_whitelist_after
+        and now - client.last_seen <= timing.max_age
+    )
+
+
+def step(
+    triplet: Triplet | None,
+    client: Client | None,
+    now: float,
+    timing: Timing,
+    *,
+    force_pass: bool = False,
+) -> Step:
+    """Advance one triplet. ``force_pass`` accepts an unknown triplet as if it had retried
+    (used when an earlier recipient of the same transaction already passed)."""
+    if _is_whitelisted(client, now, timing):
+        assert client is not None
+        refreshed = Client(client.passes, now)
+        return Step(Status.AUTO, None, 0.0, refreshed, now + timing.max_age, 0.0, 0.0)
+    live = triplet
+    if live is not None:
+        expired_unpassed = not live.passed and now - live.first_seen > timing.retry_window
+        expired_passed = live.passed and now - live.last_seen > timing.max_age
+        if expired_unpassed or expired_passed or now < live.first_seen:
+            live = None
+    if live is None and not force_pass:
+        fresh = Triplet(now, now, False, 1)
+        expires = now + timing.retry_window
+        return Step(Status.NEW, fresh, expires, None, 0.0, 0.0, timing.delay)
+    if live is not None and live.passed:
+        kept = Triplet(live.first_seen, now, True, live.attempts + 1)
+        return Step(Status.KNOWN, kept, now + timing.max_age, None, 0.0, 0.0, 0.0)
+    first_seen = live.first_seen if live is not None else now
+    attempts = live.attempts + 1 if live is not None else 1
+    waited = now - first_seen
+    if waited < timing.delay and not force_pass:
+        early = Triplet(first_seen, now, False, attempts)
+        expires = first_seen + timing.retry_window
+        return Step(Status.EARLY, early, expires, None, 0.0, 0.0, timing.delay - waited)
+    passed = Triplet(first_seen, now, True, attempts)
+    old_passes = (
+        client.passes if client is not None and now - client.last_seen <= timing.max_age else 0
+    )
+    counted = Client(old_passes + 1, now)
+    return Step(
+        Status.PASSED, passed, now + timing.max_age, counted, now + timing.max_age, waited, 0.0
+    )
+
+
+class GreylistStore(Protocol):
+    """What greylisting needs from a store: one atomic transition per question."""
+
+    async def greylist_step(
+        self, triplet_key: str, client_key: str, now: float, timing: Timing, force_pass: bool
+    ) -> Step: ...
+
+
+def triplet_key(network: str, sender: str, recipient: str) -> str:
+    return KEY_SEPARATOR.join((network, sender, recipient))
+
+
+def human_duration(seconds: float) -> str:
+    """``5 minutes``, ``90 seconds``, ``2 hours`` — for texts a human reads in a bounce."""
+    seconds = max(0, round(seconds))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if (seconds >= size and seconds % size == 0) or seconds >= 2 * size:
+            value = round(seconds / size)
+            return f"{value} {unit}{'s' if value != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class GreylistResult:
+    """The verdict plus what the transaction memory and metrics need."""
+
+    verdict: Verdict
+    status: Status | None
+    delayed: float = 0.0
+
+
+class Greylist:
+    """The async shell: skips and whitelists, then one store call, then the verdict."""
+
+    def __init__(self, config: GreylistConfig, store: GreylistStore) -> None:
+        self.config = config
+        self.timing = Timing.from_config(config)
+        self.store = store
+
+    def skip_reason(self, query: Query) -> str:
+        """Why this question is not greylisted at all ('' when it is)."""
+        config = self.config
+        if not config.enabled:
+            return "disabled"
+        if query.auth and config.skip_authenticated:
+            return "authenticated"
+        client = query.client
+        if any(client in net for net in config.whitelist_clients if net.version == client.version):
+            return "whitelisted-client"
+        if recipient_matches(normalise_recipient(query.recipient), config.whitelist_recipients):
+            return "whitelisted-recipient"
+        return ""
+
+    async def check(self, query: Query, now: float, *, force_pass: bool = False) -> GreylistResult:
+        skip = self.skip_reason(query)
+        if skip:
+            return GreylistResult(Verdict(Action.ACCEPT, check=CHECK, reason=skip), None)
+        config = self.config
+        network = client_network(query.client, config.ipv4_prefix, config.ipv6_prefix)
+        key = triplet_key(
+            network, normalise_sender(query.sender), normalise_recipient(query.recipient)
+        )
+        result = await self.store.greylist_step(key, network, now, self.timing, force_pass)
+        status = result.status
+        if status in (Status.NEW, Status.EARLY) and not config.learn:
+            text = config.message.replace("{delay}", human_duration(result.retry_in))
+            verdict = Verdict(
+                Action.DEFER, DEFER_CODE, DEFER_ECODE, text, check=CHECK, reason=status.value
+            )
+        else:
+            reason = status.value if not config.learn else f"learn-{status.value}"
+            verdict = Verdict(Action.ACCEPT, check=CHECK, reason=reason)
+        return GreylistResult(verdict, status, result.delayed)

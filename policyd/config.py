@@ -1,0 +1,256 @@
+"""Typed, frozen configuration read once from TOML; every error names the offending key.
+
+Each section is a frozen dataclass; a field's converter comes from its ``metadata["conv"]``
+(default: by annotation). Unknown keys and sections are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from .model import IPNetwork
+from .protocol import DEFAULT_MAX_REQUEST_BYTES
+
+#: Relative to the working directory: the default works for a non-root user in a checkout.
+DEFAULT_STATE_DIR: Final = Path("var")
+_DURATION_RE: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*")
+_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message starts with the dotted key."""
+
+
+def parse_duration(value: object, key: str = "duration") -> float:
+    """Seconds from ``90``, ``1.5``, ``"90s"``, ``"5m"``, ``"2d"``, ``"500ms"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{key}: expected seconds or a string like '90s', '5m', '2d'")
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return seconds
+
+
+def _conv_int(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return value
+
+
+def _conv_bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _conv_str(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _conv_mode(value: object, key: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise ConfigError(f"{key}: expected an octal mode string like '0660'")
+
+
+def _conv_str_list(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of strings")
+    return tuple(value)
+
+
+def _conv_networks(value: object, key: str) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for item in _conv_str_list(value, key):
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not an IP address or CIDR") from None
+    return tuple(out)
+
+
+def _choice(*allowed: str) -> Callable[[object, str], str]:
+    def conv(value: object, key: str) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}; got {value!r}")
+        return str(value)
+
+    return conv
+
+
+def _tcp(value: object, key: str) -> str:
+    text = _conv_str(value, key)
+    if text and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):[0-9]{1,5}", text):
+        raise ConfigError(f"{key}: expected 'host:port' (e.g. '127.0.0.1:10031'), got {text!r}")
+    return text
+
+
+def _store_url(value: object, key: str) -> str:
+    text = _conv_str(value, key)
+    if not re.match(r"(sqlite|redis|rediss|unix|redis\+sentinel|redis\+cluster)://", text):
+        raise ConfigError(f"{key}: unsupported store URL {text.split('://')[0]!r}")
+    return text
+
+
+def _prefix(limit: int) -> Callable[[object, str], int]:
+    def conv(value: object, key: str) -> int:
+        number = _conv_int(value, key)
+        if number > limit:
+            raise ConfigError(f"{key}: a prefix length is at most {limit}")
+        return number
+
+    return conv
+
+
+def _positive(value: object, key: str) -> int:
+    number = _conv_int(value, key)
+    if number == 0:
+        raise ConfigError(f"{key}: must be at least 1")
+    return number
+
+
+def _duration(value: object, key: str) -> float:
+    return parse_duration(value, key)
+
+
+def opt(default: Any, conv: Callable[[object, str], Any]) -> Any:
+    """A config field with its default and its converter."""
+    return field(default=default, metadata={"conv": conv})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: listeners and the named limits that protect them."""
+
+    socket: str = opt(str(DEFAULT_STATE_DIR / "policyd.sock"), _conv_str)
+    socket_mode: int = opt(0o660, _conv_mode)
+    socket_group: str = opt("", _conv_str)
+    tcp: str = opt("", _tcp)
+    #: Whole-connection budget, well under the 2 s readsocket timeout of our snippets.
+    deadline: float = opt(1.0, _duration)
+    max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, _positive)
+    max_connections: int = opt(256, _positive)
+    #: What a question over a limit (busy, deadline, store down) is answered.
+    fallback: str = opt("accept", _choice("accept", "defer"))
+    drain_timeout: float = opt(5.0, _duration)
+    log_level: str = opt("info", _choice("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``[store]``: where state lives (embedded SQLite by default)."""
+
+    url: str = opt(f"sqlite://{DEFAULT_STATE_DIR / 'policyd.sqlite3'}", _store_url)
+    #: SQLite page cache; bounds the store's memory whatever the number of rows.
+    cache_kib: int = opt(4096, _positive)
+    #: Rows removed per expiry step; expiry runs in small steps, never stop-the-world.
+    expire_batch: int = opt(500, _positive)
+    expire_interval: float = opt(10.0, _duration)
+
+
+@dataclass(frozen=True, slots=True)
+class GreylistConfig:
+    """``[greylist]``: design.md §3 greylisting."""
+
+    enabled: bool = opt(True, _conv_bool)
+    delay: float = opt(300.0, _duration)
+    retry_window: float = opt(2 * 86400.0, _duration)
+    max_age: float = opt(35 * 86400.0, _duration)
+    auto_whitelist_after: int = opt(5, _conv_int)
+    ipv4_prefix: int = opt(24, _prefix(32))
+    ipv6_prefix: int = opt(64, _prefix(128))
+    learn: bool = opt(False, _conv_bool)
+    skip_authenticated: bool = opt(True, _conv_bool)
+    whitelist_clients: tuple[IPNetwork, ...] = opt(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
+    )
+    whitelist_recipients: tuple[str, ...] = opt(("postmaster@", "abuse@"), _conv_str_list)
+    multi_recipient: str = opt("first", _choice("first", "each"))
+    add_header: bool = opt(True, _conv_bool)
+    message: str = opt(
+        "Greylisted: your mail server must retry; a new sender is accepted after {delay}",
+        _conv_str,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration tree."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    source: str = "<defaults>"
+
+
+_SECTIONS: Final[dict[str, type[Any]]] = {
+    "server": ServerConfig,
+    "store": StoreConfig,
+    "greylist": GreylistConfig,
+}
+_T = TypeVar("_T")
+
+
+def _section(cls: type[_T], name: str, raw: object) -> _T:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{name}]: expected a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key")
+        values[key] = known[key].metadata["conv"](value, f"{name}.{key}")
+    return cls(**values)
+
+
+def from_mapping(raw: Mapping[str, object], source: str = "<mapping>") -> Config:
+    """Validate a parsed TOML document into a Config."""
+    sections: dict[str, Any] = {}
+    for name, body in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"[{name}]: unknown section")
+        sections[name] = _section(_SECTIONS[name], name, body)
+    config = Config(**sections, source=source)
+    _cross_check(config)
+    return config
+
+
+def _cross_check(config: Config) -> None:
+    grey = config.greylist
+    if grey.delay >= grey.retry_window:
+        raise ConfigError("greylist.delay: must be shorter than greylist.retry_window")
+    if not config.server.socket and not config.server.tcp:
+        raise ConfigError("server.socket: no listener (set server.socket or server.tcp)")
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a TOML file; ``None`` gives the documented defaults."""
+    if path is None:
+        return from_mapping({}, "<defaults>")
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_mapping(raw, str(path))

@@ -1,0 +1,153 @@
+"""Composition root: read config, open the store, serve, handle signals, tear down.
+
+SIGTERM/SIGINT: stop accepting, drain open questions, exit 0 (a second signal cuts the drain
+short). SIGHUP: re-read the config file; an invalid one is refused and the old one kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from . import __version__, systemd
+from .config import Config, ConfigError, load
+from .dispatch import Dispatcher
+from .server import PolicyServer
+from .stores import open_store
+
+logger = logging.getLogger("policyd")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Settings that only take effect at start; a reload that changes them says so.
+RESTART_ONLY = ("server", "store")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=level.upper(), force=True)
+
+
+@dataclass
+class Daemon:
+    """One running daemon: its config path, current config, and stop signal."""
+
+    config_path: str | None
+    config: Config
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    dispatcher: Dispatcher | None = None
+    server: PolicyServer | None = None
+
+    def reload(self) -> None:
+        """SIGHUP: apply a new policy if the file is valid; keep the old one otherwise."""
+        systemd.notify("RELOADING=1")
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            logger.error("reload refused, keeping the running config: %s", exc)
+            systemd.notify("READY=1")
+            return
+        for section in RESTART_ONLY:
+            if getattr(new, section) != getattr(self.config, section):
+                logger.warning("reload: [%s] changes take effect only after a restart", section)
+        logging.getLogger().setLevel(new.server.log_level.upper())
+        self.config = new
+        if self.dispatcher is not None:
+            self.dispatcher.reconfigure(new)
+        logger.info("reloaded configuration from %s", new.source)
+        systemd.notify("READY=1")
+
+    def on_stop_signal(self) -> None:
+        if self.stop_requested.is_set():
+            logger.warning("second stop signal: exiting without draining")
+            raise SystemExit(1)
+        logger.info("stop requested; draining")
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        # Startup runs under the config's store and server settings; reload keeps them.
+        store = await open_store(self.config.store)
+        try:
+            self.dispatcher = Dispatcher(self.config, store)
+            server = PolicyServer(
+                self.config.server, self.dispatcher.answer, self.dispatcher.fallback
+            )
+            self.server = server
+            await server.start(systemd.listen_sockets())
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.on_stop_signal)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            systemd.notify(f"READY=1\nSTATUS=policyd {__version__} serving")
+            logger.info(
+                "policyd %s ready (store %s)", __version__, self.config.store.url.split("://", 1)[0]
+            )
+            watchdog = _start_watchdog(loop)
+            await self.stop_requested.wait()
+            systemd.notify("STOPPING=1")
+            await server.stop(self.config.server.drain_timeout)
+            if watchdog is not None:
+                watchdog.cancel()
+        finally:
+            await store.aclose()
+        logger.info("policyd stopped")
+        return 0
+
+
+def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | None:
+    """Ping systemd's watchdog at half its interval while the loop is alive."""
+    interval = systemd.watchdog_interval()
+    if interval is None:
+        return None
+
+    async def ping_forever() -> None:
+        for _ in iter(int, 1):  # forever; cancelled at shutdown
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    return loop.create_task(ping_forever())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="policyd", description="Policy daemon for Exim.")
+    parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config and exit (0 = valid)"
+    )
+    parser.add_argument("--version", action="version", version=f"policyd {__version__}")
+    return parser.parse_args(argv)
+
+
+def run_loop(daemon: Daemon) -> int:
+    """Run on uvloop when it is installed, else on the standard loop."""
+    try:
+        import uvloop  # optional extra, imported only when running
+    except ImportError:
+        return asyncio.run(daemon.run())
+    return uvloop.run(daemon.run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"policyd: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"policyd: configuration {config.source} is valid")
+        return 0
+    setup_logging(config.server.log_level)
+    try:
+        return run_loop(Daemon(args.config, config))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            logging.shutdown()

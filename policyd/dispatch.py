@@ -1,0 +1,148 @@
+"""Routes one question through the checks: the daemon's one fail-safe boundary.
+
+Whatever goes wrong below (a store down, a bug), the answer is a well-formed fallback and a
+log line; never an exception into the server, never a 5xx for a temporary reason.
+``asyncio.CancelledError`` always propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Final
+
+from . import __version__
+from .checks.greylist import Greylist
+from .config import Config
+from .model import Action, Query, Stage, Verdict
+from .protocol import ProtocolError, error_answer, format_answer, parse_request
+from .stores import Store, StoreUnavailable
+from .txn import TransactionMemory
+
+logger = logging.getLogger(__name__)
+decision_log = logging.getLogger("policyd.decision")
+
+#: RFC 3463 4.3.0 "other or undefined mail system status": our own trouble, retry later.
+FALLBACK_DEFER: Final = Verdict(
+    Action.DEFER, 451, "4.3.0", "policy service busy, try again later", check="fallback"
+)
+#: Requests are logged with %r and cut to this length so a hostile one cannot flood the log.
+LOGGED_REQUEST_BYTES: Final = 300
+
+
+def fallback_verdict(config: Config, cause: str) -> Verdict:
+    """The configured answer when the daemon cannot decide (``[server] fallback``)."""
+    if config.server.fallback == "defer":
+        return Verdict(
+            FALLBACK_DEFER.action,
+            FALLBACK_DEFER.code,
+            FALLBACK_DEFER.ecode,
+            FALLBACK_DEFER.text,
+            check="fallback",
+            reason=cause,
+        )
+    return Verdict(Action.ACCEPT, check="fallback", reason=f"fallback {cause}")
+
+
+class Dispatcher:
+    """Decides answers; holds the policy (swapped on reload) and the transaction memory."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        hostname: str | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.hostname = hostname or socket.gethostname()
+        self.txns = TransactionMemory()
+        self.config = config
+        self.greylist = Greylist(config.greylist, store)
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded policy; the store and listeners stay as they are."""
+        self.config = config
+        self.greylist = Greylist(config.greylist, self.store)
+
+    def fallback(self, cause: str) -> bytes:
+        return format_answer(fallback_verdict(self.config, cause))
+
+    async def answer(self, request: bytes) -> bytes:
+        """Answer bytes for request bytes. Never raises except on cancellation."""
+        try:
+            query = parse_request(request)
+        except ProtocolError as exc:
+            logger.warning("bad request: %s; request=%r", exc, request[:LOGGED_REQUEST_BYTES])
+            return error_answer(f"bad request: {exc}")
+        try:
+            verdict = await self.decide(query)
+        except asyncio.CancelledError:
+            raise
+        except StoreUnavailable as exc:
+            logger.warning("store unavailable, answering fallback: %s", exc)
+            verdict = fallback_verdict(self.config, "store-unavailable")
+        except Exception:
+            logger.exception(
+                "check failed; answering fallback for %r", request[:LOGGED_REQUEST_BYTES]
+            )
+            verdict = fallback_verdict(self.config, "internal-error")
+        self.log_decision(query, verdict)
+        return format_answer(verdict)
+
+    async def decide(self, query: Query) -> Verdict:
+        now = self.clock()
+        if query.stage is Stage.RCPT:
+            return await self._rcpt(query, now)
+        return self._data(query, now)
+
+    async def _rcpt(self, query: Query, now: float) -> Verdict:
+        txn = self.txns.setdefault(query.txn, now)
+        together = self.config.greylist.multi_recipient == "first"
+        earlier = txn.greylist if together else None
+        result = await self.greylist.check(query, now, force_pass=earlier is Action.ACCEPT)
+        if result.status is None:  # skipped: whitelists do not decide for the others
+            return result.verdict
+        txn.delayed = max(txn.delayed, result.delayed)
+        if earlier is None:
+            txn.greylist = result.verdict.action
+            return result.verdict
+        if earlier is Action.DEFER and result.verdict.action is Action.ACCEPT:
+            # The message was already deferred for an earlier recipient: defer this one too,
+            # so the whole message comes back at once (its triplet is now recorded).
+            text = "Greylisted together with the other recipients of this message"
+            return Verdict(Action.DEFER, 451, "4.7.1", text, check="greylist", reason="together")
+        return result.verdict
+
+    def _data(self, query: Query, now: float) -> Verdict:
+        headers: list[str] = []
+        txn = self.txns.get(query.txn, now)
+        if txn is not None and txn.delayed > 0 and self.config.greylist.add_header:
+            date = email.utils.formatdate(now, usegmt=True)
+            headers.append(
+                f"X-Greylist: delayed {round(txn.delayed)} seconds by policyd-{__version__} "
+                f"at {self.hostname}; {date}"
+            )
+        return Verdict(Action.ACCEPT, check="data", headers=tuple(headers))
+
+    def log_decision(self, query: Query, verdict: Verdict) -> None:
+        if not decision_log.isEnabledFor(logging.INFO):
+            return
+        decision_log.info(
+            "decision stage=%s client=%s sender=%r rcpt=%r helo=%r txn=%s action=%s check=%s "
+            "reason=%s",
+            query.stage.value,
+            query.client,
+            query.sender,
+            query.recipient if query.stage is Stage.RCPT else ",".join(query.recipients),
+            query.helo,
+            query.txn or "-",
+            verdict.action.value,
+            verdict.check or "-",
+            verdict.reason or "-",
+        )

@@ -1,0 +1,71 @@
+"""Frozen value types shared by every layer: the question Exim asks and the verdict we give."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Stage(enum.Enum):
+    """The ACL that asks (design.md §1): once per recipient at RCPT, once per message at DATA."""
+
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+class Action(enum.Enum):
+    """First word of the answer; the Exim snippets match on it."""
+
+    ACCEPT = "ok"
+    DEFER = "defer"
+    REJECT = "reject"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One question from Exim, decoded and normalised (client address in canonical form)."""
+
+    stage: Stage
+    client: IPAddress
+    helo: str = ""
+    sender: str = ""
+    recipient: str = ""
+    recipients: tuple[str, ...] = ()
+    auth: str = ""
+    txn: str = ""
+    nrcpt: int = 0
+    size: int = 0
+    body_size: int = 0
+    lines: int = 0
+    msgid: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one check (or the whole dispatcher) decided.
+
+    ``check`` and ``reason`` name the decision for logs and metrics; ``headers`` are complete
+    header lines (``Name: value``) for the DATA ACL to add.
+    """
+
+    action: Action
+    code: int = 0
+    ecode: str = ""
+    text: str = ""
+    check: str = ""
+    reason: str = ""
+    headers: tuple[str, ...] = field(default=())
+
+    @property
+    def is_final(self) -> bool:
+        """A defer or reject ends the evaluation; later checks are not asked."""
+        return self.action in (Action.DEFER, Action.REJECT)
+
+
+ACCEPT = Verdict(Action.ACCEPT)

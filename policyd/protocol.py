@@ -1,0 +1,180 @@
+"""The wire codec of docs/protocol.md: request bytes in, Query out; Verdict in, answer bytes out.
+
+No sockets, no clock, no logging: every caller (server, tests, bench) shares this one codec.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from typing import Final
+
+from .model import Action, IPAddress, Query, Stage, Verdict
+
+#: Protocol version carried in ``v=``; another value is refused rather than misread.
+PROTOCOL_VERSION: Final = "1"
+#: Default bound on a request. A request carries at most a few base64 addresses; Exim's
+#: local part + domain is limited to 64 + 255 octets (RFC 5321 §4.5.3.1), so 4 KiB is generous.
+DEFAULT_MAX_REQUEST_BYTES: Final = 4096
+#: RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets including the code and CRLF.
+MAX_REPLY_TEXT: Final = 400
+
+_B64_FIELDS: Final = {
+    "helo_b64": "helo",
+    "from_b64": "sender",
+    "rcpt_b64": "recipient",
+    "rcpts_b64": "recipients",
+    "auth_b64": "auth",
+}
+_INT_FIELDS: Final = {
+    "nrcpt": "nrcpt",
+    "size": "size",
+    "bodysize": "body_size",
+    "lines": "lines",
+    "port": "port",
+}
+_TOKEN_FIELDS: Final = {"txn": "txn", "msgid": "msgid"}
+_TOKEN_RE: Final = re.compile(r"[!-~]{0,128}")
+_INT_RE: Final = re.compile(r"[0-9]{1,18}")
+_TEXT_UNSAFE: Final = re.compile(r"[^\x20-\x7e]")
+_SMTP_CODE_DIGIT: Final = {Action.DEFER: "4", Action.REJECT: "5"}
+
+
+class ProtocolError(ValueError):
+    """The request cannot be understood; the message says why, for the error answer and log."""
+
+
+def parse_request(data: bytes) -> Query:
+    """Decode one request (with or without its trailing newline) into a normalised Query."""
+    try:
+        line = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("request is not ASCII (client values must be base64)") from None
+    if line.endswith("\n"):
+        line = line[:-1]
+    if line.endswith("\r"):
+        line = line[:-1]
+    if "\n" in line or "\r" in line:
+        raise ProtocolError("request holds more than one line")
+    words = line.split()
+    if not words:
+        raise ProtocolError("empty request")
+    try:
+        stage = Stage(words[0].lower())
+    except ValueError:
+        raise ProtocolError(f"unknown stage {words[0][:20]!r} (want rcpt or data)") from None
+    fields: dict[str, str] = {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ProtocolError(f"word {word[:40]!r} is not key=value")
+        if key in fields:
+            raise ProtocolError(f"key {key[:20]!r} given twice")
+        fields[key] = value
+    return _build_query(stage, fields)
+
+
+def _build_query(stage: Stage, fields: dict[str, str]) -> Query:
+    version = fields.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version[:10]!r}")
+    if "ip" not in fields:
+        raise ProtocolError("missing ip=")
+    values: dict[str, object] = {"stage": stage, "client": normalise_ip(fields["ip"])}
+    for key, attr in _B64_FIELDS.items():
+        if key in fields:
+            values[attr] = _b64(key, fields[key])
+    for key, attr in _INT_FIELDS.items():
+        if key in fields:
+            if not _INT_RE.fullmatch(fields[key]):
+                raise ProtocolError(f"{key}= is not a number: {fields[key][:20]!r}")
+            values[attr] = int(fields[key])
+    for key, attr in _TOKEN_FIELDS.items():
+        if key in fields:
+            if not _TOKEN_RE.fullmatch(fields[key]):
+                raise ProtocolError(f"{key}= is not a printable token")
+            values[attr] = fields[key]
+    recipients = values.pop("recipients", None)
+    if isinstance(recipients, str):
+        values["recipients"] = tuple(r.strip() for r in recipients.split(",") if r.strip())
+    if stage is Stage.RCPT and "recipient" not in values:
+        raise ProtocolError("rcpt request without rcpt_b64=")
+    return Query(**values)  # type: ignore[arg-type]  # keys and types checked above
+
+
+def _b64(key: str, value: str) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{key}= is not valid base64: {value[:40]!r}") from None
+    return raw.decode("utf-8", errors="replace")
+
+
+def normalise_ip(text: str) -> IPAddress:
+    """Canonical address from any textual form Exim produces (expanded v6, brackets, mapped v4)."""
+    candidate = text.strip()
+    if candidate.startswith("[") and candidate.endswith("]"):
+        candidate = candidate[1:-1]
+    if candidate[:5].lower() == "ipv6:":
+        candidate = candidate[5:]
+    candidate = candidate.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        raise ProtocolError(f"ip= is not an IP address: {text[:60]!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def safe_text(text: str) -> str:
+    """SMTP reply text: printable ASCII only, bounded, so it can never break the answer line."""
+    return _TEXT_UNSAFE.sub("?", text)[:MAX_REPLY_TEXT].strip()
+
+
+def format_answer(verdict: Verdict) -> bytes:
+    """Answer bytes for Exim: verdict line, then header lines; never a trailing newline."""
+    action = verdict.action
+    if action is Action.ACCEPT:
+        first = "ok" if not verdict.reason else f"ok {safe_text(verdict.reason)}"
+    elif action is Action.ERROR:
+        first = f"error {safe_text(verdict.text) or 'error'}"
+    else:
+        digit = _SMTP_CODE_DIGIT[action]
+        code = str(verdict.code)
+        if len(code) != 3 or not code.startswith(digit):
+            # Exim panics on a code whose first digit differs from the ACL verb (design §2).
+            code = f"{digit}51" if action is Action.DEFER else "550"
+        ecode = verdict.ecode if _is_ecode(verdict.ecode, digit) else f"{digit}.7.1"
+        first = f"{action.value} {code} {ecode} {safe_text(verdict.text) or 'policy'}"
+    lines = [first]
+    lines.extend(header_lines(verdict.headers))
+    return "\n".join(lines).encode("ascii")
+
+
+def header_lines(headers: tuple[str, ...]) -> list[str]:
+    """Header lines made safe for the answer: ASCII, folded lines keep their leading tab."""
+    out: list[str] = []
+    for header in headers:
+        for i, part in enumerate(header.replace("\r", "").split("\n")):
+            clean = _TEXT_UNSAFE.sub("?", part.replace("\t", " "))
+            if not clean.strip():
+                continue
+            out.append(clean if i == 0 else "\t" + clean.strip())
+    return out
+
+
+def _is_ecode(ecode: str, digit: str) -> bool:
+    parts = ecode.split(".")
+    return (
+        len(parts) == 3
+        and parts[0] == digit
+        and all(p.isdigit() and 1 <= len(p) <= 3 for p in parts[1:])
+    )
+
+
+def error_answer(message: str) -> bytes:
+    """The answer to a request that could not be parsed or answered."""
+    return format_answer(Verdict(Action.ERROR, text=message))

@@ -1,0 +1,66 @@
+"""What the daemon remembers about one SMTP transaction between its RCPT and DATA questions.
+
+Exim asks the same daemon for every recipient and then once at DATA, tagging each question
+with the transaction id the snippet made at the first RCPT. Memory is bounded by a named
+entry limit and an age limit: the oldest transactions are forgotten first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Final
+
+from .model import Action
+
+#: Transactions remembered at once; an entry is ~200 bytes, so this is ~4 MiB at most.
+MAX_TRANSACTIONS: Final = 20_000
+#: An SMTP transaction outliving this is forgotten (RFC 5321 §4.5.3.2 timeouts sum to ~1 h).
+MAX_TRANSACTION_AGE: Final = 3600.0
+
+
+@dataclass(slots=True)
+class Transaction:
+    """Per-message facts gathered at RCPT and used again later in the same message."""
+
+    started: float
+    #: The greylist outcome of the first greylisted recipient (multi_recipient = "first").
+    greylist: Action | None = None
+    #: Longest delay imposed on a recipient of this message by greylisting, in seconds.
+    delayed: float = 0.0
+
+
+class TransactionMemory:
+    """A bounded map of transaction id → Transaction, oldest evicted first."""
+
+    def __init__(
+        self, max_entries: int = MAX_TRANSACTIONS, max_age: float = MAX_TRANSACTION_AGE
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self._entries: OrderedDict[str, Transaction] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, txn: str, now: float) -> Transaction | None:
+        """The transaction if known and young enough; '' (no id) is never remembered."""
+        if not txn:
+            return None
+        entry = self._entries.get(txn)
+        if entry is not None and now - entry.started > self.max_age:
+            del self._entries[txn]
+            return None
+        return entry
+
+    def setdefault(self, txn: str, now: float) -> Transaction:
+        """The transaction, created if new; a throwaway one when there is no id."""
+        entry = self.get(txn, now)
+        if entry is not None:
+            return entry
+        entry = Transaction(started=now)
+        if txn:
+            self._entries[txn] = entry
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return entry
