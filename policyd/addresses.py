@@ -21,10 +21,9 @@ _BATV: Final = re.compile(r"^(?:prvs|msprvs1)=[^=@]+=(?P<local>.+)$|^btv1==[^=@]
 # SRS1=HASH=first-forwarder==HASH=TT=orig-domain=orig-local; separators = + or -.
 _SRS0: Final = re.compile(r"^srs0[=+-][^=]*=[^=]*=(?P<domain>[^=]+)=(?P<local>.+)$")
 _SRS1: Final = re.compile(r"^srs1[=+-][^=]*=[^=]*==[^=]*=[^=]*=(?P<domain>[^=]+)=(?P<local>.+)$")
-# VERP and per-message tags: long hex runs containing a digit, then any digit run.
-_HEX_RUN: Final = re.compile(r"[0-9a-f]*[0-9][0-9a-f]*")
+# VERP and per-message tags: hex runs of 8+ characters (hashes, ids), then any digit run.
+_HEX_RUN: Final = re.compile(r"[0-9a-f]{8,}")
 _DIGITS: Final = re.compile(r"[0-9]+")
-_MIN_HEX_RUN: Final = 8
 
 
 def normalise_sender(sender: str) -> str:
@@ -40,7 +39,7 @@ def normalise_sender(sender: str) -> str:
     if m := _BATV.match(local):
         local = m.group("local") or m.group("local2")
     local = local.split("+", 1)[0] or local
-    local = _HEX_RUN.sub(lambda h: "#" if len(h.group()) >= _MIN_HEX_RUN else h.group(), local)
+    local = _HEX_RUN.sub("#", local)
     local = _DIGITS.sub("#", local)
     return f"{local}@{domain}" if domain else local
 

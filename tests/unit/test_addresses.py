@@ -1,0 +1,73 @@
+"""Sender normalisation and client networks: one place, every rewriting scheme."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from policyd.addresses import (
+    NULL_SENDER,
+    client_network,
+    normalise_recipient,
+    normalise_sender,
+    recipient_matches,
+)
+
+
+@pytest.mark.parametrize(
+    ("sender", "normal"),
+    [
+        ("Alice@Example.NET", "alice@example.net"),
+        ("<alice@example.net>", "alice@example.net"),
+        ("", NULL_SENDER),
+        ("<>", NULL_SENDER),
+        ("alice+lists@example.net", "alice@example.net"),
+        # BATV: the tag changes every message
+        ("prvs=0123abcdef=alice@example.net", "alice@example.net"),
+        ("msprvs1=19386ofAbc=alice@example.net", "alice@example.net"),
+        ("btv1==1ab2cd3==alice@example.net", "alice@example.net"),
+        # SRS: the original sender is inside
+        ("SRS0=HHH=TT=orig.example=bob@fwd.example", "bob@orig.example"),
+        ("SRS0+x7Yq=2Q=orig.example=bob@fwd.example", "bob@orig.example"),
+        ("SRS1=HHH=fwd1.example==HHH=TT=orig.example=bob@fwd2.example", "bob@orig.example"),
+        # VERP-style bounce addresses: per-message digits and hex runs
+        ("bounces-12345@lists.example", "bounces-#@lists.example"),
+        ("bounce-mc.us5_99.1234-deadbeefcafe@mcsv.example", "bounce-mc.us#_#.#-#@mcsv.example"),
+        ("list-bounces+user=example.com@list.example", "list-bounces@list.example"),
+        ("no-at-sign", "no-at-sign"),
+    ],
+)
+def test_normalise_sender(sender: str, normal: str) -> None:
+    assert normalise_sender(sender) == normal
+
+
+def test_retries_with_new_tags_share_a_key() -> None:
+    tagged = ["prvs=1111aaaa=news@shop.example", "prvs=2222bbbb=news@shop.example"]
+    assert len({normalise_sender(s) for s in tagged}) == 1
+
+
+def test_normalise_recipient_keeps_tags() -> None:
+    assert normalise_recipient("<Bob+Lists@Example.ORG>") == "bob+lists@example.org"
+
+
+@pytest.mark.parametrize(
+    ("ip", "net"),
+    [
+        ("192.0.2.10", "192.0.2.0/24"),
+        ("2001:db8::25", "2001:db8::/64"),
+        ("2001:0db8:0000:0000:0000:0000:0000:0026", "2001:db8::/64"),
+    ],
+)
+def test_client_network(ip: str, net: str) -> None:
+    assert client_network(ipaddress.ip_address(ip), 24, 64) == net
+
+
+def test_recipient_patterns() -> None:
+    patterns = ("postmaster@", "abuse@example.org", "@optout.example", "other.example")
+    assert recipient_matches("postmaster@any.example", patterns)
+    assert recipient_matches("abuse@example.org", patterns)
+    assert not recipient_matches("abuse@example.net", patterns)
+    assert recipient_matches("x@optout.example", patterns)
+    assert recipient_matches("y@other.example", patterns)
+    assert not recipient_matches("y@sub.other.example", patterns)
