@@ -30,7 +30,7 @@ def test_durations(value: object, seconds: float) -> None:
 
 @pytest.mark.parametrize("value", ["5 minutes", "-1s", "", True, [1]])
 def test_bad_durations(value: object) -> None:
-    with pytest.raises(ConfigError, match="greylist.delay"):
+    with pytest.raises(ConfigError, match=r"greylist\.delay"):
         from_mapping({"greylist": {"delay": value}})
 
 
