@@ -6,11 +6,12 @@ when the MTA rewrites it per attempt (BATV, SRS, VERP, ``+extension`` tags).
 
 from __future__ import annotations
 
-import ipaddress
 import re
+import socket
+from collections.abc import Iterable
 from typing import Final
 
-from .model import IPAddress
+from .model import IPAddress, IPNetwork
 
 #: Key used for the null sender ``<>`` (bounces, DSNs); never an empty string.
 NULL_SENDER: Final = "<>"
@@ -55,9 +56,35 @@ def domain_of(address: str) -> str:
 
 
 def client_network(address: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:
-    """The client network in canonical CIDR text, e.g. ``192.0.2.0/24`` or ``2001:db8::/64``."""
-    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network((address, prefix), strict=False))
+    """The client network in canonical CIDR text, e.g. ``192.0.2.0/24`` or ``2001:db8::/64``.
+
+    Integer masking instead of ``ip_network()``: this runs for every question, and the
+    ipaddress constructor costs ten times more."""
+    if address.version == 4:
+        bits, prefix, family = 32, ipv4_prefix, socket.AF_INET
+    else:
+        bits, prefix, family = 128, ipv6_prefix, socket.AF_INET6
+    mask = ((1 << bits) - 1) ^ ((1 << (bits - prefix)) - 1)
+    packed = (int(address) & mask).to_bytes(bits // 8, "big")
+    return f"{socket.inet_ntop(family, packed)}/{prefix}"
+
+
+class NetworkSet:
+    """Membership of an address in a fixed list of networks, by integer comparison."""
+
+    __slots__ = ("_ranges",)
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self._ranges = tuple(
+            (net.version, int(net.network_address), int(net.netmask)) for net in networks
+        )
+
+    def __contains__(self, address: IPAddress) -> bool:
+        value, version = int(address), address.version
+        return any(v == version and value & mask == base for v, base, mask in self._ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self._ranges)
 
 
 def recipient_matches(recipient: str, patterns: tuple[str, ...]) -> bool:

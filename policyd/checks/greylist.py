@@ -10,7 +10,13 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from ..addresses import client_network, normalise_recipient, normalise_sender, recipient_matches
+from ..addresses import (
+    NetworkSet,
+    client_network,
+    normalise_recipient,
+    normalise_sender,
+    recipient_matches,
+)
 from ..config import GreylistConfig
 from ..model import Action, Query, Verdict
 
@@ -172,6 +178,7 @@ class Greylist:
         self.config = config
         self.timing = Timing.from_config(config)
         self.store = store
+        self.whitelist_clients = NetworkSet(config.whitelist_clients)
 
     def skip_reason(self, query: Query) -> str:
         """Why this question is not greylisted at all ('' when it is)."""
@@ -180,8 +187,7 @@ class Greylist:
             return "disabled"
         if query.auth and config.skip_authenticated:
             return "authenticated"
-        client = query.client
-        if any(client in net for net in config.whitelist_clients if net.version == client.version):
+        if query.client in self.whitelist_clients:
             return "whitelisted-client"
         if recipient_matches(normalise_recipient(query.recipient), config.whitelist_recipients):
             return "whitelisted-recipient"
