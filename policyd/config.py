@@ -192,6 +192,99 @@ class GreylistConfig:
     )
 
 
+_RATE_RE: Final = re.compile(r"\s*([0-9]+)\s*/\s*([0-9.]*\s*(?:ms|s|m|h|d|w)?)\s*")
+RATE_KEY_PARTS: Final = (
+    "client",
+    "sender",
+    "sender_domain",
+    "auth",
+    "recipient",
+    "recipient_domain",
+)
+
+
+def parse_rate(value: object, key: str = "rate") -> tuple[int, float]:
+    """``"100/1h"``, ``"100/h"``, ``"10/90s"`` → (count, period in seconds)."""
+    if isinstance(value, str) and (m := _RATE_RE.fullmatch(value)):
+        count = int(m.group(1))
+        unit = m.group(2).strip()
+        period = parse_duration(unit if unit[:1].isdigit() else f"1{unit or 's'}", key)
+        if count > 0 and period > 0:
+            return count, period
+    raise ConfigError(f"{key}: expected a rate like '100/1h', '10/m' or '5/90s', got {value!r}")
+
+
+def _rate(value: object, key: str) -> tuple[int, float]:
+    return parse_rate(value, key)
+
+
+def _key_parts(value: object, key: str) -> tuple[str, ...]:
+    parts = (value,) if isinstance(value, str) else value
+    if not isinstance(parts, list | tuple) or not parts:
+        raise ConfigError(f"{key}: expected a key part or a list of them")
+    for part in parts:
+        if part not in RATE_KEY_PARTS:
+            raise ConfigError(f"{key}: {part!r} is not one of {', '.join(RATE_KEY_PARTS)}")
+    return tuple(str(p) for p in parts)
+
+
+def _lower_list(value: object, key: str) -> tuple[str, ...]:
+    return tuple(v.strip().lower() for v in _conv_str_list(value, key))
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """One ``[[ratelimit.rule]]``: what is counted, per which key, how fast, and the action."""
+
+    name: str = opt("", _conv_str)
+    key: tuple[str, ...] = opt(("client",), _key_parts)
+    count: str = opt("messages", _choice("connections", "messages", "recipients", "bytes"))
+    rate: tuple[int, float] = opt((100, 3600.0), _rate)
+    #: Units admitted at once; 0 means the rate's count (a full period's worth).
+    burst: int = opt(0, _conv_int)
+    stage: str = opt("rcpt", _choice("rcpt", "data"))
+    action: str = opt("defer", _choice("defer", "reject"))
+    dry_run: bool = opt(False, _conv_bool)
+    ipv4_prefix: int = opt(32, _prefix(32))
+    ipv6_prefix: int = opt(64, _prefix(128))
+    exempt_clients: tuple[IPNetwork, ...] = opt((), _conv_networks)
+    exempt_users: tuple[str, ...] = opt((), _lower_list)
+    exempt_senders: tuple[str, ...] = opt((), _lower_list)
+    message: str = opt("Too much mail ({rule}); please try again {retry}", _conv_str)
+
+    @property
+    def effective_burst(self) -> int:
+        return self.burst or self.rate[0]
+
+
+def _rules(value: object, key: str) -> tuple[RateRule, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected [[{key}]] tables")
+    rules = tuple(_section(RateRule, f"{key}[{i}]", item) for i, item in enumerate(value))
+    names = [r.name for r in rules]
+    for i, rule in enumerate(rules):
+        if not rule.name:
+            raise ConfigError(f"{key}[{i}].name: every rule needs a name")
+        if names.count(rule.name) > 1:
+            raise ConfigError(f"{key}[{i}].name: duplicate rule name {rule.name!r}")
+        if rule.count == "bytes" and rule.stage != "data":
+            raise ConfigError(f"{key}[{i}].stage: bytes are only known at stage 'data'")
+        if rule.stage == "data" and {"recipient", "recipient_domain"} & set(rule.key):
+            raise ConfigError(f"{key}[{i}].key: recipient keys need stage 'rcpt'")
+    return rules
+
+
+@dataclass(frozen=True, slots=True)
+class RatelimitConfig:
+    """``[ratelimit]``: flood protection rules (``[[ratelimit.rule]]``)."""
+
+    enabled: bool = opt(True, _conv_bool)
+    exempt_clients: tuple[IPNetwork, ...] = opt(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
+    )
+    rule: tuple[RateRule, ...] = opt((), _rules)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration tree."""
@@ -199,6 +292,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    ratelimit: RatelimitConfig = field(default_factory=RatelimitConfig)
     source: str = "<defaults>"
 
 
@@ -206,6 +300,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "server": ServerConfig,
     "store": StoreConfig,
     "greylist": GreylistConfig,
+    "ratelimit": RatelimitConfig,
 }
 _T = TypeVar("_T")
 

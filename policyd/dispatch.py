@@ -16,12 +16,14 @@ from collections.abc import Callable
 from typing import Final
 
 from . import __version__
+from .addresses import NetworkSet
 from .checks.greylist import Greylist
+from .checks.ratelimit import RateLimiter
 from .config import Config
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
 from .stores import Store, StoreUnavailable
-from .txn import TransactionMemory
+from .txn import Transaction, TransactionMemory
 
 logger = logging.getLogger(__name__)
 decision_log = logging.getLogger("policyd.decision")
@@ -62,13 +64,15 @@ class Dispatcher:
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
-        self.config = config
-        self.greylist = Greylist(config.greylist, store)
+        self.conns = TransactionMemory()
+        self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
-        """Apply a reloaded policy; the store and listeners stay as they are."""
+        """Apply a (re)loaded policy; the store and listeners stay as they are."""
         self.config = config
         self.greylist = Greylist(config.greylist, self.store)
+        rules = config.ratelimit.rule if config.ratelimit.enabled else ()
+        self.ratelimit = RateLimiter(rules, NetworkSet(config.ratelimit.exempt_clients), self.store)
 
     def fallback(self, cause: str) -> bytes:
         return format_answer(fallback_verdict(self.config, cause))
@@ -99,10 +103,18 @@ class Dispatcher:
         now = self.clock()
         if query.stage is Stage.RCPT:
             return await self._rcpt(query, now)
-        return self._data(query, now)
+        return await self._data(query, now)
 
     async def _rcpt(self, query: Query, now: float) -> Verdict:
         txn = self.txns.setdefault(query.txn, now)
+        # Greylisting first: a deferred attempt will come back, and must not be counted
+        # against a flood limit twice.
+        grey = await self._greylist(query, txn, now)
+        if grey.is_final:
+            return grey
+        return await self._ratelimit(query, txn, now) or grey
+
+    async def _greylist(self, query: Query, txn: Transaction, now: float) -> Verdict:
         together = self.config.greylist.multi_recipient == "first"
         earlier = txn.greylist if together else None
         result = await self.greylist.check(query, now, force_pass=earlier is Action.ACCEPT)
@@ -119,10 +131,30 @@ class Dispatcher:
             return Verdict(Action.DEFER, 451, "4.7.1", text, check="greylist", reason="together")
         return result.verdict
 
-    def _data(self, query: Query, now: float) -> Verdict:
+    async def _ratelimit(self, query: Query, txn: Transaction, now: float) -> Verdict | None:
+        """Flood limits; per-message and per-connection rules are charged once."""
+        limiter = self.ratelimit
+        if not limiter.rules:
+            return None
+        if txn.rate_refused is not None:
+            return txn.rate_refused
+        conn = self.conns.setdefault(query.conn, now)
+        result = await limiter.check(query, now, txn.rate_charged | conn.rate_charged)
+        if result.verdict is not None:
+            if limiter.once_per_message(result.verdict.reason):
+                txn.rate_refused = result.verdict
+            return result.verdict
+        for name in result.charged:
+            (conn if limiter.per_connection(name) else txn).rate_charged.add(name)
+        return None
+
+    async def _data(self, query: Query, now: float) -> Verdict:
+        txn = self.txns.setdefault(query.txn, now)
+        limited = await self._ratelimit(query, txn, now)
+        if limited is not None:
+            return limited
         headers: list[str] = []
-        txn = self.txns.get(query.txn, now)
-        if txn is not None and txn.delayed > 0 and self.config.greylist.add_header:
+        if txn.delayed > 0 and self.config.greylist.add_header:
             date = email.utils.formatdate(now, usegmt=True)
             headers.append(
                 f"X-Greylist: delayed {round(txn.delayed)} seconds by policyd-{__version__} "

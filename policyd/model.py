@@ -38,6 +38,7 @@ class Query:
     recipients: tuple[str, ...] = ()
     auth: str = ""
     txn: str = ""
+    conn: str = ""
     nrcpt: int = 0
     size: int = 0
     body_size: int = 0

@@ -36,7 +36,7 @@ _INT_FIELDS: Final = {
     "lines": "lines",
     "port": "port",
 }
-_TOKEN_FIELDS: Final = {"txn": "txn", "msgid": "msgid"}
+_TOKEN_FIELDS: Final = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
 _TOKEN_RE: Final = re.compile(r"[!-~]{0,128}")
 _INT_RE: Final = re.compile(r"[0-9]{1,18}")
 _TEXT_UNSAFE: Final = re.compile(r"[^\x20-\x7e]")

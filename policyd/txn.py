@@ -1,4 +1,4 @@
-"""What the daemon remembers about one SMTP transaction between its RCPT and DATA questions.
+"""What the daemon remembers about one SMTP transaction (or connection) between questions.
 
 Exim asks the same daemon for every recipient and then once at DATA, tagging each question
 with the transaction id the snippet made at the first RCPT. Memory is bounded by a named
@@ -8,10 +8,10 @@ entry limit and an age limit: the oldest transactions are forgotten first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
-from .model import Action
+from .model import Action, Verdict
 
 #: Transactions remembered at once; an entry is ~200 bytes, so this is ~4 MiB at most.
 MAX_TRANSACTIONS: Final = 20_000
@@ -28,6 +28,11 @@ class Transaction:
     greylist: Action | None = None
     #: Longest delay imposed on a recipient of this message by greylisting, in seconds.
     delayed: float = 0.0
+    #: Rate rules that count messages/connections and were already charged here, so a
+    #: message asked about at every RCPT and again at DATA is counted once.
+    rate_charged: set[str] = field(default_factory=set)
+    #: A per-message/connection refusal, repeated for the rest of the transaction.
+    rate_refused: Verdict | None = None
 
 
 class TransactionMemory:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..checks.greylist import GreylistStore
+from ..checks.ratelimit import RateLimitStore
 from ..config import StoreConfig
 
 
@@ -16,7 +17,7 @@ class StoreUnavailable(Exception):
     """The store cannot answer now (down, timing out, circuit open); use the fallback."""
 
 
-class Store(GreylistStore, Protocol):
+class Store(GreylistStore, RateLimitStore, Protocol):
     """Everything the daemon needs from one backend, plus its lifecycle."""
 
     async def start(self) -> None:

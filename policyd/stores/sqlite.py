@@ -18,10 +18,12 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
 from ..checks.greylist import Client, Step, Timing, Triplet, step
+from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
 from . import StoreUnavailable
 
@@ -45,8 +47,14 @@ CREATE TABLE IF NOT EXISTS client (
     expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS client_expires ON client(expires);
+CREATE TABLE IF NOT EXISTS rate (
+    k TEXT PRIMARY KEY,
+    tat REAL NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rate_expires ON rate(expires);
 """
-EXPIRING_TABLES: Final = ("triplet", "client")
+EXPIRING_TABLES: Final = ("triplet", "client", "rate")
 #: WAL pages before SQLite checkpoints during a commit (its default is 1000 ≈ 4 MiB).
 WAL_AUTOCHECKPOINT_PAGES: Final = 1000
 #: How long a writer waits for a lock held by another process (e.g. an offline backup).
@@ -154,6 +162,18 @@ class SQLiteStore:
             if not batch.done():
                 batch.set_result(None)
 
+    @contextlib.contextmanager
+    def _statements(self) -> Iterator[asyncio.Future[None]]:
+        """Run statements inside the open batch; an SQLite error fails the whole batch."""
+        batch = self._join_batch()
+        try:
+            yield batch
+        except sqlite3.Error as exc:
+            if self._batch is batch:
+                self._batch = None
+                self._fail(batch, exc)
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
     def _fail(self, batch: asyncio.Future[None], exc: sqlite3.Error) -> None:
         """Roll the whole batch back; every question in it gets the fallback."""
         logger.error("SQLite transaction failed, rolled back: %s", exc)
@@ -166,8 +186,7 @@ class SQLiteStore:
         self, triplet_key: str, client_key: str, now: float, timing: Timing, force_pass: bool
     ) -> Step:
         db = self.db
-        batch = self._join_batch()
-        try:
+        with self._statements() as batch:
             row = db.execute(
                 "SELECT first_seen, last_seen, passed, attempts FROM triplet WHERE k = ?",
                 (triplet_key,),
@@ -197,13 +216,29 @@ class SQLiteStore:
                     "INSERT OR REPLACE INTO client VALUES (?, ?, ?, ?)",
                     (client_key, c.passes, c.last_seen, result.client_expires),
                 )
-        except sqlite3.Error as exc:
-            if self._batch is batch:
-                self._batch = None
-                self._fail(batch, exc)
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
         await batch  # answered only once the state is committed
         return result
+
+    async def ratelimit_step(self, charges: Sequence[Charge], now: float) -> list[Decision]:
+        """All charges of one question in one transaction: admitted together or not at all."""
+        db = self.db
+        with self._statements() as batch:
+            states = []
+            for charge in charges:
+                row = db.execute("SELECT tat FROM rate WHERE k = ?", (charge.key,)).fetchone()
+                states.append(row[0] if row else None)
+            decisions, admitted = decide_all(states, charges, now)
+            if admitted:
+                db.executemany(
+                    "INSERT OR REPLACE INTO rate VALUES (?, ?, ?)",
+                    [
+                        (d.charge.key, d.outcome.tat, d.outcome.tat)
+                        for d in decisions
+                        if d.outcome.allowed
+                    ],
+                )
+        await batch
+        return decisions
 
     def expire(self, now: float) -> int:
         """Delete one batch of expired rows per table; returns how many went."""
