@@ -286,6 +286,24 @@ class RatelimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus exporter (needs prometheus-client)."""
+
+    enabled: bool = opt(True, _conv_bool)
+    #: Loopback by default; port 0 picks a free port (tests).
+    listen: str = opt("127.0.0.1:9477", _tcp)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the policyctl socket, separate from Exim's so Exim cannot administer."""
+
+    socket: str = opt(str(DEFAULT_STATE_DIR / "policyd-admin.sock"), _conv_str)
+    socket_mode: int = opt(0o600, _conv_mode)
+    socket_group: str = opt("", _conv_str)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration tree."""
 
@@ -293,6 +311,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     ratelimit: RatelimitConfig = field(default_factory=RatelimitConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     source: str = "<defaults>"
 
 
@@ -301,6 +321,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "store": StoreConfig,
     "greylist": GreylistConfig,
     "ratelimit": RatelimitConfig,
+    "metrics": MetricsConfig,
+    "admin": AdminConfig,
 }
 _T = TypeVar("_T")
 

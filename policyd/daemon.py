@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from . import __version__, systemd
 from .config import Config, ConfigError, load
 from .dispatch import Dispatcher
+from .metrics import Metrics
 from .server import PolicyServer
 from .stores import open_store
 
@@ -24,7 +25,9 @@ logger = logging.getLogger("policyd")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Settings that only take effect at start; a reload that changes them says so.
-RESTART_ONLY = ("server", "store")
+RESTART_ONLY = ("server", "store", "metrics", "admin")
+#: Seconds between refreshes of the store-statistics gauges (a scan on a reader connection).
+STATS_INTERVAL = 30.0
 
 
 def setup_logging(level: str) -> None:
@@ -40,6 +43,7 @@ class Daemon:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     dispatcher: Dispatcher | None = None
     server: PolicyServer | None = None
+    metrics_port: int | None = None
 
     def reload(self) -> None:
         """SIGHUP: apply a new policy if the file is valid; keep the old one otherwise."""
@@ -70,14 +74,22 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         # Startup runs under the config's store and server settings; reload keeps them.
-        store = await open_store(self.config.store)
-        try:
-            self.dispatcher = Dispatcher(self.config, store)
+        async with contextlib.AsyncExitStack() as stack:
+            store = await open_store(self.config.store)
+            stack.push_async_callback(store.aclose)
+            metrics = Metrics(self.config.metrics.enabled)
+            stack.callback(metrics.close)
+            self.dispatcher = Dispatcher(self.config, store, metrics=metrics)
             server = PolicyServer(
                 self.config.server, self.dispatcher.answer, self.dispatcher.fallback
             )
             self.server = server
             await server.start(systemd.listen_sockets())
+            metrics.open_connections.set_function(lambda: len(server.open_connections))
+            self.metrics_port = metrics.serve(self.config.metrics.listen)
+            for task in (_start_watchdog(loop), loop.create_task(self._refresh_stats(store))):
+                if task is not None:
+                    stack.callback(task.cancel)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_stop_signal)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -85,16 +97,30 @@ class Daemon:
             logger.info(
                 "policyd %s ready (store %s)", __version__, self.config.store.url.split("://", 1)[0]
             )
-            watchdog = _start_watchdog(loop)
             await self.stop_requested.wait()
             systemd.notify("STOPPING=1")
             await server.stop(self.config.server.drain_timeout)
-            if watchdog is not None:
-                watchdog.cancel()
-        finally:
-            await store.aclose()
         logger.info("policyd stopped")
         return 0
+
+    async def _refresh_stats(self, store: object) -> None:
+        """Store figures for the gauges, refreshed off the hot path."""
+        stats = getattr(store, "stats", None)
+        dispatcher = self.dispatcher
+        if stats is None or dispatcher is None:
+            return
+        metrics = dispatcher.metrics
+        for _ in iter(int, 1):  # forever; cancelled at shutdown
+            try:
+                figures = await stats(self.config.greylist.auto_whitelist_after)
+            except Exception:  # a statistics failure must never stop the daemon
+                logger.exception("reading store statistics failed")
+            else:
+                metrics.auto_whitelisted.set(figures.get("auto_whitelisted", 0))
+                expired = figures.get("expired_triplets", 0)
+                if expired:
+                    metrics.never_retried.set(figures.get("expired_unretried", 0) / expired)
+            await asyncio.sleep(STATS_INTERVAL)
 
 
 def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | None:

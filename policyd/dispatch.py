@@ -17,12 +17,14 @@ from typing import Final
 
 from . import __version__
 from .addresses import NetworkSet
-from .checks.greylist import Greylist
+from .checks.greylist import Greylist, Status
 from .checks.ratelimit import RateLimiter
 from .config import Config
+from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
 from .stores import Store, StoreUnavailable
+from .stores.timed import TimedStore
 from .txn import Transaction, TransactionMemory
 
 logger = logging.getLogger(__name__)
@@ -59,8 +61,10 @@ class Dispatcher:
         store: Store,
         clock: Callable[[], float] = time.time,
         hostname: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.store = store
+        self.metrics = metrics or Metrics(enabled=False)
+        self.store: Store = TimedStore(store, self.metrics) if self.metrics.registry else store
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
@@ -73,16 +77,22 @@ class Dispatcher:
         self.greylist = Greylist(config.greylist, self.store)
         rules = config.ratelimit.rule if config.ratelimit.enabled else ()
         self.ratelimit = RateLimiter(rules, NetworkSet(config.ratelimit.exempt_clients), self.store)
+        for name, tally in self.ratelimit.counters.items():
+            self.metrics.ratelimit_fill.labels(name).set_function(tally.take_peak_fill)
 
     def fallback(self, cause: str) -> bytes:
+        """The fallback answer for a question the server could not hand over (busy, deadline)."""
+        self.metrics.fallbacks.labels(cause).inc()
         return format_answer(fallback_verdict(self.config, cause))
 
     async def answer(self, request: bytes) -> bytes:
         """Answer bytes for request bytes. Never raises except on cancellation."""
+        started = time.perf_counter()
         try:
             query = parse_request(request)
         except ProtocolError as exc:
             logger.warning("bad request: %s; request=%r", exc, request[:LOGGED_REQUEST_BYTES])
+            self.metrics.bad_requests.inc()
             return error_answer(f"bad request: {exc}")
         try:
             verdict = await self.decide(query)
@@ -90,14 +100,25 @@ class Dispatcher:
             raise
         except StoreUnavailable as exc:
             logger.warning("store unavailable, answering fallback: %s", exc)
-            verdict = fallback_verdict(self.config, "store-unavailable")
+            verdict = self._fallback_verdict("store-unavailable")
         except Exception:
             logger.exception(
                 "check failed; answering fallback for %r", request[:LOGGED_REQUEST_BYTES]
             )
-            verdict = fallback_verdict(self.config, "internal-error")
+            verdict = self._fallback_verdict("internal-error")
         self.log_decision(query, verdict)
+        self._count(query.stage, verdict, time.perf_counter() - started)
         return format_answer(verdict)
+
+    def _fallback_verdict(self, cause: str) -> Verdict:
+        self.metrics.fallbacks.labels(cause).inc()
+        return fallback_verdict(self.config, cause)
+
+    def _count(self, stage: Stage, verdict: Verdict, seconds: float) -> None:
+        m = self.metrics
+        m.questions.labels(stage.value).inc()
+        m.latency.labels(stage.value).observe(seconds)
+        m.decisions.labels(verdict.check or "-", verdict.reason or "-", verdict.action.value).inc()
 
     async def decide(self, query: Query) -> Verdict:
         now = self.clock()
@@ -121,6 +142,8 @@ class Dispatcher:
         if result.status is None:  # skipped: whitelists do not decide for the others
             return result.verdict
         txn.delayed = max(txn.delayed, result.delayed)
+        if result.status is Status.PASSED:
+            self.metrics.greylist_delay.observe(result.delayed)
         if earlier is None:
             txn.greylist = result.verdict.action
             return result.verdict
@@ -140,6 +163,11 @@ class Dispatcher:
             return txn.rate_refused
         conn = self.conns.setdefault(query.conn, now)
         result = await limiter.check(query, now, txn.rate_charged | conn.rate_charged)
+        for decision in result.decisions:
+            outcome = "allowed" if decision.outcome.allowed else "limited"
+            if not decision.outcome.allowed and decision.charge.dry_run:
+                outcome = "would_limit"
+            self.metrics.ratelimit.labels(decision.charge.rule, outcome).inc()
         if result.verdict is not None:
             if limiter.once_per_message(result.verdict.reason):
                 txn.rate_refused = result.verdict

@@ -197,6 +197,11 @@ class RuleCounters:
     #: highest burst fill seen since the last read, 0..1 ("how close to the limit")
     peak_fill: float = 0.0
 
+    def take_peak_fill(self) -> float:
+        """The peak since the last call, then start over (read at each metrics scrape)."""
+        peak, self.peak_fill = self.peak_fill, 0.0
+        return peak
+
 
 @dataclass(frozen=True, slots=True)
 class RateResult:

@@ -106,6 +106,8 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._expiry: asyncio.Task[None] | None = None
         self._batch: asyncio.Future[None] | None = None
+        self.expired_unretried = 0
+        self.expired_total = 0
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> SQLiteStore:
@@ -241,16 +243,53 @@ class SQLiteStore:
         return decisions
 
     def expire(self, now: float) -> int:
-        """Delete one batch of expired rows per table; returns how many went."""
+        """Delete one batch of expired rows per table; returns how many went.
+
+        Greylisted triplets that expire unpassed were never retried (mostly spam): they are
+        counted in ``expired_unretried`` for the never-retried ratio."""
         removed = 0
-        for table in EXPIRING_TABLES:
-            cursor = self.db.execute(
-                f"DELETE FROM {table} WHERE k IN "  # noqa: S608  # table names are constants
-                f"(SELECT k FROM {table} WHERE expires < ? LIMIT ?)",
-                (now, self.expire_batch),
-            )
-            removed += cursor.rowcount
+        with self._statements():
+            for table in EXPIRING_TABLES:
+                returning = " RETURNING passed" if table == "triplet" else " RETURNING 1"
+                rows = self.db.execute(
+                    f"DELETE FROM {table} WHERE k IN "  # noqa: S608  # table names are constants
+                    f"(SELECT k FROM {table} WHERE expires < ? LIMIT ?){returning}",
+                    (now, self.expire_batch),
+                ).fetchall()
+                removed += len(rows)
+                if table == "triplet":
+                    unretried = sum(1 for (passed,) in rows if not passed)
+                    self.expired_unretried += unretried
+                    self.expired_total += len(rows)
         return removed
+
+    async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
+        """Figures for metrics and ``policyctl stats``, read on a second connection in a
+        thread (WAL readers do not block the writer), so a scan never stalls questions."""
+
+        def read() -> dict[str, float]:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+
+                def one(sql: str, *args: object) -> float:
+                    return float(db.execute(sql, args).fetchone()[0])
+
+                return {
+                    "auto_whitelisted": one(
+                        "SELECT count(*) FROM client WHERE passes >= ? AND expires >= ?",
+                        max(1, auto_whitelist_after),
+                        time.time(),
+                    ),
+                    "clients": one("SELECT count(*) FROM client"),
+                    "rate_keys": one("SELECT count(*) FROM rate"),
+                }
+            finally:
+                db.close()
+
+        figures = await asyncio.to_thread(read)
+        figures["expired_unretried"] = self.expired_unretried
+        figures["expired_triplets"] = self.expired_total
+        return figures
 
     async def _expire_forever(self) -> None:
         while True:
