@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import __version__, systemd
+from .admin import Admin, AdminServer
 from .config import Config, ConfigError, load
 from .dispatch import Dispatcher
 from .metrics import Metrics
@@ -26,7 +27,7 @@ logger = logging.getLogger("policyd")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Settings that only take effect at start; a reload that changes them says so.
 RESTART_ONLY = ("server", "store", "metrics", "admin")
-#: Seconds between refreshes of the store-statistics gauges (a scan on a reader connection).
+#: Seconds between housekeeping rounds (whitelist expiry, store-statistics gauges).
 STATS_INTERVAL = 30.0
 
 
@@ -80,6 +81,8 @@ class Daemon:
             metrics = Metrics(self.config.metrics.enabled)
             stack.callback(metrics.close)
             self.dispatcher = Dispatcher(self.config, store, metrics=metrics)
+            admin = Admin(self.dispatcher, store)
+            await admin.reload_whitelist()
             server = PolicyServer(
                 self.config.server, self.dispatcher.answer, self.dispatcher.fallback
             )
@@ -87,7 +90,11 @@ class Daemon:
             await server.start(systemd.listen_sockets())
             metrics.open_connections.set_function(lambda: len(server.open_connections))
             self.metrics_port = metrics.serve(self.config.metrics.listen)
-            for task in (_start_watchdog(loop), loop.create_task(self._refresh_stats(store))):
+            if self.config.admin.socket:
+                admin_server = AdminServer(self.config.admin, admin)
+                await admin_server.start()
+                stack.push_async_callback(admin_server.stop)
+            for task in (_start_watchdog(loop), loop.create_task(self._housekeeping(admin))):
                 if task is not None:
                     stack.callback(task.cancel)
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,18 +110,16 @@ class Daemon:
         logger.info("policyd stopped")
         return 0
 
-    async def _refresh_stats(self, store: object) -> None:
-        """Store figures for the gauges, refreshed off the hot path."""
-        stats = getattr(store, "stats", None)
-        dispatcher = self.dispatcher
-        if stats is None or dispatcher is None:
-            return
-        metrics = dispatcher.metrics
+    async def _housekeeping(self, admin: Admin) -> None:
+        """Off the hot path: drop expired whitelist entries, refresh the store gauges."""
+        stats = getattr(admin.store, "stats", None)
+        metrics = admin.dispatcher.metrics
         for _ in iter(int, 1):  # forever; cancelled at shutdown
             try:
-                figures = await stats(self.config.greylist.auto_whitelist_after)
-            except Exception:  # a statistics failure must never stop the daemon
-                logger.exception("reading store statistics failed")
+                await admin.reload_whitelist()
+                figures = await stats(self.config.greylist.auto_whitelist_after) if stats else {}
+            except Exception:  # housekeeping trouble must never stop the daemon
+                logger.exception("housekeeping failed; will retry")
             else:
                 metrics.auto_whitelisted.set(figures.get("auto_whitelisted", 0))
                 expired = figures.get("expired_triplets", 0)

@@ -20,10 +20,11 @@ from .addresses import NetworkSet
 from .checks.greylist import Greylist, Status
 from .checks.ratelimit import RateLimiter
 from .config import Config
+from .lists import Whitelist
 from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
-from .stores import Store, StoreUnavailable
+from .stores import QuestionStore, Store, StoreUnavailable
 from .stores.timed import TimedStore
 from .txn import Transaction, TransactionMemory
 
@@ -64,7 +65,11 @@ class Dispatcher:
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics(enabled=False)
-        self.store: Store = TimedStore(store, self.metrics) if self.metrics.registry else store
+        self.raw_store = store
+        self.store: QuestionStore = (
+            TimedStore(store, self.metrics) if self.metrics.registry else store
+        )
+        self.whitelist = Whitelist([])
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
@@ -136,6 +141,9 @@ class Dispatcher:
         return await self._ratelimit(query, txn, now) or grey
 
     async def _greylist(self, query: Query, txn: Transaction, now: float) -> Verdict:
+        entry = self.whitelist.match(query, now) if self.config.greylist.enabled else None
+        if entry is not None:
+            return Verdict(Action.ACCEPT, check="greylist", reason=f"whitelist-{entry.kind}")
         together = self.config.greylist.multi_recipient == "first"
         earlier = txn.greylist if together else None
         result = await self.greylist.check(query, now, force_pass=earlier is Action.ACCEPT)

@@ -33,6 +33,8 @@ class Query:
     stage: Stage
     client: IPAddress
     helo: str = ""
+    #: client host name as Exim verified it (forward-confirmed), '' when unknown
+    host: str = ""
     sender: str = ""
     recipient: str = ""
     recipients: tuple[str, ...] = ()

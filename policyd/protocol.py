@@ -28,6 +28,7 @@ _B64_FIELDS: Final = {
     "rcpt_b64": "recipient",
     "rcpts_b64": "recipients",
     "auth_b64": "auth",
+    "host_b64": "host",
 }
 _INT_FIELDS: Final = {
     "nrcpt": "nrcpt",

@@ -193,23 +193,29 @@ class Greylist:
             return "whitelisted-recipient"
         return ""
 
+    def keys(self, query: Query) -> tuple[str, str]:
+        """(triplet key, client key) for a question."""
+        config = self.config
+        network = client_network(query.client, config.ipv4_prefix, config.ipv6_prefix)
+        sender, recipient = normalise_sender(query.sender), normalise_recipient(query.recipient)
+        return triplet_key(network, sender, recipient), network
+
+    def verdict(self, status: Status, retry_in: float) -> Verdict:
+        """The answer for a state-machine status (learn mode never defers)."""
+        config = self.config
+        if status in (Status.NEW, Status.EARLY) and not config.learn:
+            text = config.message.replace("{delay}", human_duration(retry_in))
+            return Verdict(
+                Action.DEFER, DEFER_CODE, DEFER_ECODE, text, check=CHECK, reason=status.value
+            )
+        reason = status.value if not config.learn else f"learn-{status.value}"
+        return Verdict(Action.ACCEPT, check=CHECK, reason=reason)
+
     async def check(self, query: Query, now: float, *, force_pass: bool = False) -> GreylistResult:
         skip = self.skip_reason(query)
         if skip:
             return GreylistResult(Verdict(Action.ACCEPT, check=CHECK, reason=skip), None)
-        config = self.config
-        network = client_network(query.client, config.ipv4_prefix, config.ipv6_prefix)
-        key = triplet_key(
-            network, normalise_sender(query.sender), normalise_recipient(query.recipient)
-        )
+        key, network = self.keys(query)
         result = await self.store.greylist_step(key, network, now, self.timing, force_pass)
-        status = result.status
-        if status in (Status.NEW, Status.EARLY) and not config.learn:
-            text = config.message.replace("{delay}", human_duration(result.retry_in))
-            verdict = Verdict(
-                Action.DEFER, DEFER_CODE, DEFER_ECODE, text, check=CHECK, reason=status.value
-            )
-        else:
-            reason = status.value if not config.learn else f"learn-{status.value}"
-            verdict = Verdict(Action.ACCEPT, check=CHECK, reason=reason)
-        return GreylistResult(verdict, status, result.delayed)
+        verdict = self.verdict(result.status, result.retry_in)
+        return GreylistResult(verdict, result.status, result.delayed)

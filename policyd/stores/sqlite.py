@@ -26,6 +26,7 @@ from ..checks.greylist import Client, Step, Timing, Triplet, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
 from . import StoreUnavailable
+from .sqlite_admin import SQLiteAdmin
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ CREATE TABLE IF NOT EXISTS rate (
     expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rate_expires ON rate(expires);
+CREATE TABLE IF NOT EXISTS list (
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expires REAL NOT NULL,
+    comment TEXT NOT NULL,
+    added REAL NOT NULL,
+    PRIMARY KEY (kind, value)
+) WITHOUT ROWID;
 """
 EXPIRING_TABLES: Final = ("triplet", "client", "rate")
 #: WAL pages before SQLite checkpoints during a commit (its default is 1000 ≈ 4 MiB).
@@ -88,8 +97,8 @@ def connect(path: Path, cache_kib: int) -> sqlite3.Connection:
     return db
 
 
-class SQLiteStore:
-    """Greylist state in SQLite; one connection used from the event loop only."""
+class SQLiteStore(SQLiteAdmin):
+    """Greylist and rate state in SQLite; one connection used from the event loop only."""
 
     def __init__(
         self,

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from ..checks.greylist import Step, Timing
 from ..checks.ratelimit import Charge, Decision
 from ..metrics import Metrics
-from . import Store
+from . import QuestionStore
 
 
 class TimedStore:
     """Delegates to ``inner``; records latency per operation and errors by operation."""
 
-    def __init__(self, inner: Store, metrics: Metrics) -> None:
+    def __init__(self, inner: QuestionStore, metrics: Metrics) -> None:
         self.inner = inner
         self._grey = (
             metrics.store_seconds.labels("greylist"),

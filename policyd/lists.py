@@ -1,0 +1,137 @@
+"""Runtime whitelists edited by ``policyctl whitelist``: entries, validation, and matching.
+
+Entries live in the store (they survive restarts) and in memory as a ``Whitelist`` that the
+dispatcher consults on every question without a store round trip; an admin change rebuilds
+it at once. An entry may expire; expired entries stop matching immediately and are removed
+from the store by the next rebuild.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from .addresses import NetworkSet, domain_of, recipient_matches
+from .model import Query
+
+#: What a whitelist entry can name (design.md §3 static and runtime whitelists).
+KINDS: Final = {
+    "client": "client IP address or CIDR (IPv4 or IPv6)",
+    "client_host": "client host name or domain suffix (forward-confirmed by Exim)",
+    "client_host_re": "regular expression on the client host name (postgrey imports)",
+    "sender_domain": "sender domain (only when SPF passes for it)",
+    "sender": "sender address",
+    "recipient": "recipient that opts out: user@domain, user@ or a domain",
+}
+#: Bound on entries, so a runaway import cannot exhaust memory (each entry ~300 bytes).
+MAX_ENTRIES: Final = 100_000
+_HOST_RE: Final = re.compile(r"[a-z0-9_.-]{1,253}")
+_MAX_REGEX: Final = 200
+
+
+class ListError(ValueError):
+    """An entry that cannot be stored; the message says which part is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    """One whitelist entry. ``expires`` is an absolute time, 0 for never."""
+
+    kind: str
+    value: str
+    expires: float = 0.0
+    comment: str = ""
+    added: float = 0.0
+
+    def live(self, now: float) -> bool:
+        return not self.expires or self.expires > now
+
+
+class ListStore(Protocol):
+    """What runtime whitelists need from a store."""
+
+    async def list_add(self, entry: ListEntry) -> None: ...
+
+    async def list_remove(self, kind: str, value: str) -> bool: ...
+
+    async def list_entries(self) -> list[ListEntry]: ...
+
+
+def normalise_entry(kind: str, value: str) -> str:
+    """The canonical form of ``value`` for ``kind``; raises ListError when invalid."""
+    text = value.strip()
+    if kind not in KINDS:
+        raise ListError(f"unknown whitelist kind {kind!r}; use one of {', '.join(KINDS)}")
+    if not text:
+        raise ListError(f"empty {kind}")
+    if kind == "client":
+        try:
+            return str(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ListError(f"{text!r} is not an IP address or CIDR") from None
+    if kind == "client_host_re":
+        if len(text) > _MAX_REGEX:
+            raise ListError("regular expression too long")
+        try:
+            re.compile(text, re.IGNORECASE)
+        except re.error as exc:
+            raise ListError(f"invalid regular expression {text!r}: {exc}") from None
+        return text
+    lowered = text.lower().strip("<>")
+    if kind in ("client_host", "sender_domain"):
+        lowered = lowered.strip(".")
+        if not _HOST_RE.fullmatch(lowered) or "." not in lowered:
+            raise ListError(f"{text!r} is not a host or domain name")
+        return lowered
+    if kind == "sender" and ("@" not in lowered or lowered.startswith("@")):
+        raise ListError(f"{text!r} is not an address (user@domain)")
+    return lowered
+
+
+class Whitelist:
+    """The live entries, indexed for matching a question in microseconds."""
+
+    def __init__(self, entries: list[ListEntry]) -> None:
+        self.entries = entries
+        self._clients = [
+            (NetworkSet([ipaddress.ip_network(e.value)]), e) for e in entries if e.kind == "client"
+        ]
+        self._hosts = [e for e in entries if e.kind == "client_host"]
+        self._host_res = [
+            (re.compile(e.value, re.IGNORECASE), e) for e in entries if e.kind == "client_host_re"
+        ]
+        self._senders = {e.value: e for e in entries if e.kind == "sender"}
+        self._domains = {e.value: e for e in entries if e.kind == "sender_domain"}
+        self._recipients = [e for e in entries if e.kind == "recipient"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def match(self, query: Query, now: float, spf_pass_domain: str = "") -> ListEntry | None:
+        """The first live entry that lets this question skip greylisting, if any."""
+        for nets, entry in self._clients:
+            if query.client in nets and entry.live(now):
+                return entry
+        host = query.host.lower()
+        if host:
+            for entry in self._hosts:
+                if (host == entry.value or host.endswith("." + entry.value)) and entry.live(now):
+                    return entry
+            for regex, entry in self._host_res:
+                if regex.search(host) and entry.live(now):
+                    return entry
+        sender = query.sender.lower()
+        found = self._senders.get(sender)
+        if found is not None and found.live(now):
+            return found
+        if spf_pass_domain and spf_pass_domain == domain_of(sender):
+            found = self._domains.get(spf_pass_domain)
+            if found is not None and found.live(now):
+                return found
+        recipient = query.recipient.lower()
+        for entry in self._recipients:
+            if recipient_matches(recipient, (entry.value,)) and entry.live(now):
+                return entry
+        return None

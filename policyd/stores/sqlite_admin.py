@@ -1,0 +1,137 @@
+"""The embedded store's administrative side: runtime whitelists, and reading, passing and
+deleting greylist and rate-limit state for ``policyctl`` (never on the question path)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+
+from ..checks.greylist import Client, Timing, Triplet
+from ..lists import ListEntry
+
+#: Bound on rows one admin listing returns.
+MAX_SCAN: int = 10_000
+
+
+class SQLiteAdmin:
+    """Mixin for SQLiteStore: needs ``db`` and ``_statements()`` from it."""
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        raise NotImplementedError
+
+    def _statements(self) -> AbstractContextManager[asyncio.Future[None]]:
+        raise NotImplementedError
+
+    async def list_add(self, entry: ListEntry) -> None:
+        with self._statements() as batch:
+            self.db.execute(
+                "INSERT OR REPLACE INTO list VALUES (?, ?, ?, ?, ?)",
+                (entry.kind, entry.value, entry.expires, entry.comment, entry.added),
+            )
+        await batch
+
+    async def list_remove(self, kind: str, value: str) -> bool:
+        with self._statements() as batch:
+            removed = self.db.execute(
+                "DELETE FROM list WHERE kind = ? AND value = ?", (kind, value)
+            ).rowcount
+        await batch
+        return bool(removed)
+
+    async def list_entries(self) -> list[ListEntry]:
+        rows = self.db.execute(
+            "SELECT kind, value, expires, comment, added FROM list ORDER BY kind, value"
+        ).fetchall()
+        return [ListEntry(*row) for row in rows]
+
+    async def greylist_peek(
+        self, triplet_key: str, client_key: str
+    ) -> tuple[Triplet | None, Client | None]:
+        row = self.db.execute(
+            "SELECT first_seen, last_seen, passed, attempts FROM triplet WHERE k = ?",
+            (triplet_key,),
+        ).fetchone()
+        crow = self.db.execute(
+            "SELECT passes, last_seen FROM client WHERE k = ?", (client_key,)
+        ).fetchone()
+        return (
+            Triplet(row[0], row[1], bool(row[2]), row[3]) if row else None,
+            Client(crow[0], crow[1]) if crow else None,
+        )
+
+    async def ratelimit_peek(self, keys: Sequence[str]) -> list[float | None]:
+        out: list[float | None] = []
+        for key in keys:
+            row = self.db.execute("SELECT tat FROM rate WHERE k = ?", (key,)).fetchone()
+            out.append(row[0] if row else None)
+        return out
+
+    async def greylist_scan(
+        self, parts: Sequence[str | None], limit: int
+    ) -> list[tuple[str, Triplet, float]]:
+        glob = sqlite_glob(parts)
+        rows = self.db.execute(
+            "SELECT k, first_seen, last_seen, passed, attempts, expires FROM triplet "
+            "WHERE k GLOB ? ORDER BY last_seen DESC LIMIT ?",
+            (glob, min(limit, MAX_SCAN)),
+        ).fetchall()
+        return [(r[0], Triplet(r[1], r[2], bool(r[3]), r[4]), r[5]) for r in rows]
+
+    async def greylist_pass(self, keys: Sequence[str], now: float, timing: Timing) -> int:
+        """Mark triplets passed now (``policyctl greylist pass``); creates missing ones."""
+        with self._statements() as batch:
+            for key in keys:
+                row = self.db.execute(
+                    "SELECT first_seen, attempts FROM triplet WHERE k = ?", (key,)
+                ).fetchone()
+                first, attempts = row if row else (now, 0)
+                self.db.execute(
+                    "INSERT OR REPLACE INTO triplet VALUES (?, ?, ?, 1, ?, ?)",
+                    (key, first, now, attempts, now + timing.max_age),
+                )
+        await batch
+        return len(keys)
+
+    async def greylist_delete(self, keys: Sequence[str]) -> int:
+        return await self._delete("triplet", keys)
+
+    async def ratelimit_scan(
+        self, parts: Sequence[str | None], limit: int
+    ) -> list[tuple[str, float]]:
+        glob = sqlite_glob(parts)
+        rows = self.db.execute(
+            "SELECT k, tat FROM rate WHERE k GLOB ? ORDER BY tat DESC LIMIT ?",
+            (glob, min(limit, MAX_SCAN)),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    async def ratelimit_delete(self, keys: Sequence[str]) -> int:
+        return await self._delete("rate", keys)
+
+    async def _delete(self, table: str, keys: Sequence[str]) -> int:
+        removed = 0
+        with self._statements() as batch:
+            for chunk in _chunks(keys, 500):
+                marks = ",".join("?" * len(chunk))
+                removed += self.db.execute(
+                    f"DELETE FROM {table} WHERE k IN ({marks})",  # noqa: S608  # constant table
+                    chunk,
+                ).rowcount
+        await batch
+        return removed
+
+
+def sqlite_glob(parts: Sequence[str | None]) -> str:
+    """SQLite GLOB for key segments: literal segments escaped, None as ``*``."""
+    escaped = (
+        "*" if p is None else "".join(f"[{c}]" if c in "*?[" else c for c in p) for p in parts
+    )
+    return "|".join(escaped)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
