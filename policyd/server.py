@@ -144,6 +144,7 @@ class PolicyServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._bound_path = ""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -172,6 +173,7 @@ class PolicyServer:
             self._servers.append(srv)
         if not inherited and self.config.socket:
             self._servers.append(await self._bind_unix(Path(self.config.socket), backlog))
+            self._bound_path = self.config.socket
         if not inherited and self.config.tcp:
             host, _, port = self.config.tcp.rpartition(":")
             srv = await loop.create_server(
@@ -206,9 +208,10 @@ class PolicyServer:
         """Stop accepting, let open questions finish for ``drain_timeout``, then cut them."""
         for srv in self._servers:
             srv.close()
-        if self.config.socket:
+        # Only a socket we bound ourselves: an inherited (systemd) socket outlives us.
+        if self._bound_path:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.socket)
+                os.unlink(self._bound_path)
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         except TimeoutError:
