@@ -153,6 +153,23 @@ class ServerConfig:
     fallback: str = opt("accept", _choice("accept", "defer"))
     drain_timeout: float = opt(5.0, _duration)
     log_level: str = opt("info", _choice("debug", "info", "warning", "error"))
+    #: stderr (journald under systemd) or the local syslog socket /dev/log.
+    log_target: str = opt("stderr", _choice("stderr", "syslog"))
+    syslog_facility: str = opt(
+        "mail",
+        _choice(
+            "mail",
+            "daemon",
+            "local0",
+            "local1",
+            "local2",
+            "local3",
+            "local4",
+            "local5",
+            "local6",
+            "local7",
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import logging.handlers
 import signal
 import sys
 from dataclasses import dataclass, field
 
 from . import __version__, systemd
 from .admin import Admin, AdminServer
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, ServerConfig, load
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .server import PolicyServer
@@ -25,14 +26,26 @@ from .stores import open_store
 logger = logging.getLogger("policyd")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SYSLOG_FORMAT = "policyd[%(process)d]: %(levelname)s %(name)s: %(message)s"
 #: Settings that only take effect at start; a reload that changes them says so.
 RESTART_ONLY = ("server", "store", "metrics", "admin")
 #: Seconds between housekeeping rounds (whitelist expiry, store-statistics gauges).
 STATS_INTERVAL = 30.0
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=level.upper(), force=True)
+def setup_logging(config: ServerConfig) -> None:
+    """stderr (journald adds its own timestamps) or syslog; one line per record."""
+    handler: logging.Handler
+    if config.log_target == "syslog":
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log",
+            facility=logging.handlers.SysLogHandler.facility_names[config.syslog_facility],
+        )
+        handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(handlers=[handler], level=config.log_level.upper(), force=True)
 
 
 @dataclass
@@ -171,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"policyd: configuration {config.source} is valid")
         return 0
-    setup_logging(config.server.log_level)
+    try:
+        setup_logging(config.server)
+    except OSError as exc:
+        print(f"policyd: cannot open log target: {exc}", file=sys.stderr)
+        return 1
     try:
         return run_loop(Daemon(args.config, config))
     except OSError as exc:
