@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: One request line at most (an import sends entries in batches well under this).
 MAX_LINE: Final = 1 << 20
+#: Admin connections served at once; more wait in the kernel backlog (bounds memory).
+MAX_ADMIN_CONNECTIONS: Final = 4
 #: Rows one listing returns unless the request asks for fewer.
 DEFAULT_LIMIT: Final = 100
 
@@ -278,6 +280,7 @@ class AdminServer:
         self.config = config
         self.admin = admin
         self._server: asyncio.Server | None = None
+        self._slots = asyncio.Semaphore(MAX_ADMIN_CONNECTIONS)
 
     async def start(self) -> None:
         path = Path(self.config.socket)
@@ -304,6 +307,10 @@ class AdminServer:
             os.unlink(self.config.socket)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with self._slots:
+            await self._converse(reader, writer)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
                 try:

@@ -25,8 +25,9 @@ KINDS: Final = {
     "sender": "sender address",
     "recipient": "recipient that opts out: user@domain, user@ or a domain",
 }
-#: Bound on entries, so a runaway import cannot exhaust memory (each entry ~300 bytes).
-MAX_ENTRIES: Final = 100_000
+#: Bound on entries, so a runaway import cannot exhaust memory (each entry ~400 bytes in
+#: memory, so this caps the whitelist at ~8 MiB; postgrey ships a few hundred).
+MAX_ENTRIES: Final = 20_000
 _HOST_RE: Final = re.compile(r"[a-z0-9_.-]{1,253}")
 _MAX_REGEX: Final = 200
 
