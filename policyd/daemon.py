@@ -58,15 +58,19 @@ class Daemon:
     dispatcher: Dispatcher | None = None
     server: PolicyServer | None = None
     metrics_port: int | None = None
+    #: READY=1 was sent: RELOADING/READY pairs are only meaningful after that.
+    ready: bool = False
 
     def reload(self) -> None:
         """SIGHUP: apply a new policy if the file is valid; keep the old one otherwise."""
-        systemd.notify("RELOADING=1")
+        if self.ready:
+            systemd.notify("RELOADING=1")
         try:
             new = load(self.config_path)
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
-            systemd.notify("READY=1")
+            if self.ready:
+                systemd.notify("READY=1")
             return
         for section in RESTART_ONLY:
             if getattr(new, section) != getattr(self.config, section):
@@ -76,7 +80,8 @@ class Daemon:
         if self.dispatcher is not None:
             self.dispatcher.reconfigure(new)
         logger.info("reloaded configuration from %s", new.source)
-        systemd.notify("READY=1")
+        if self.ready:
+            systemd.notify("READY=1")
 
     def on_stop_signal(self) -> None:
         if self.stop_requested.is_set():
@@ -87,6 +92,10 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # Handlers first: a SIGTERM or SIGHUP during start-up must not kill the process.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         # Startup runs under the config's store and server settings; reload keeps them.
         async with contextlib.AsyncExitStack() as stack:
             store = await open_store(self.config.store)
@@ -110,10 +119,8 @@ class Daemon:
             for task in (_start_watchdog(loop), loop.create_task(self._housekeeping(admin))):
                 if task is not None:
                     stack.callback(task.cancel)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.on_stop_signal)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
             systemd.notify(f"READY=1\nSTATUS=policyd {__version__} serving")
+            self.ready = True
             logger.info(
                 "policyd %s ready (store %s)", __version__, self.config.store.url.split("://", 1)[0]
             )

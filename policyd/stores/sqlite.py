@@ -277,7 +277,8 @@ class SQLiteStore(SQLiteAdmin):
         thread (WAL readers do not block the writer), so a scan never stalls questions."""
 
         def read() -> dict[str, float]:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            # as_uri() percent-encodes: a path with ?, # or % stays a path.
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
             try:
 
                 def one(sql: str, *args: object) -> float:
