@@ -101,8 +101,8 @@ def _build_query(stage: Stage, fields: dict[str, str]) -> Query:
     recipients = values.pop("recipients", None)
     if isinstance(recipients, str):
         values["recipients"] = tuple(r.strip() for r in recipients.split(",") if r.strip())
-    if stage is Stage.RCPT and "recipient" not in values:
-        raise ProtocolError("rcpt request without rcpt_b64=")
+    if stage is Stage.RCPT and not values.get("recipient"):
+        raise ProtocolError("rcpt request without a recipient (rcpt_b64=)")
     return Query(**values)  # type: ignore[arg-type]  # keys and types checked above
 
 
@@ -145,7 +145,8 @@ def format_answer(verdict: Verdict) -> bytes:
     """Answer bytes for Exim: verdict line, then header lines; never a trailing newline."""
     action = verdict.action
     if action is Action.ACCEPT:
-        first = "ok" if not verdict.reason else f"ok {safe_text(verdict.reason)}"
+        note = safe_text(verdict.reason)
+        first = f"ok {note}" if note else "ok"
     elif action is Action.ERROR:
         first = f"error {safe_text(verdict.text) or 'error'}"
     else:
@@ -165,11 +166,14 @@ def header_lines(headers: tuple[str, ...]) -> list[str]:
     """Header lines made safe for the answer: ASCII, folded lines keep their leading tab."""
     out: list[str] = []
     for header in headers:
-        for i, part in enumerate(header.replace("\r", "").split("\n")):
-            clean = _TEXT_UNSAFE.sub("?", part.replace("\t", " "))
-            if not clean.strip():
+        first = True
+        for part in header.replace("\r", "").split("\n"):
+            clean = _TEXT_UNSAFE.sub("?", part.replace("\t", " ")).strip()
+            if not clean:
                 continue
-            out.append(clean if i == 0 else "\t" + clean.strip())
+            # Only the first line of a header starts at column 0; the rest are folded.
+            out.append(clean if first else "\t" + clean)
+            first = False
     return out
 
 
@@ -178,7 +182,7 @@ def _is_ecode(ecode: str, digit: str) -> bool:
     return (
         len(parts) == 3
         and parts[0] == digit
-        and all(p.isdigit() and 1 <= len(p) <= 3 for p in parts[1:])
+        and all(p.isascii() and p.isdigit() and 1 <= len(p) <= 3 for p in parts[1:])
     )
 
 

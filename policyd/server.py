@@ -77,16 +77,21 @@ class QuestionProtocol(asyncio.Protocol):
             return
         self._buffer += data
         limit = self._server.limits.max_request_bytes
-        if len(self._buffer) > limit:
-            logger.warning("request over %d bytes; answering fallback", limit)
-            self._finish_with(self._server.fallback("request-too-large"))
-            return
-        newline = self._buffer.find(b"\n")
+        # The request is the first line; whatever follows its newline is ignored, so the
+        # answer never depends on how the bytes were split into reads.
+        newline = self._buffer.find(b"\n", 0, limit)
         if newline >= 0:
             self._start(bytes(self._buffer[: newline + 1]))
+        elif len(self._buffer) > limit:
+            logger.warning("request over %d bytes; answering fallback", limit)
+            self._finish_with(self._server.fallback("request-too-large"))
 
     def eof_received(self) -> bool:
         if not self._done:
+            if not self._buffer:
+                # Connect and close (a health probe): nothing was asked, nothing to answer.
+                self._finish_with(b"")
+                return True
             self._start(bytes(self._buffer))
         return True  # keep our write side open until the answer is out
 

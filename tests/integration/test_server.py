@@ -1,0 +1,301 @@
+"""The real server in-process, asked the way Exim asks: golden table at several write sizes,
+the three limits (request size, deadline, connections) and their fallback answers, odd
+clients, drain on stop, the TCP listener, and the same server on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    ANSWER_TIMEOUT,
+    GOLDEN_CONFIG,
+    GOLDEN_ROWS,
+    WELL_FORMED,
+    GoldenRow,
+    Question,
+    ServerFactory,
+    ask,
+    running_server,
+)
+
+from policyd.dispatch import FALLBACK_DEFER
+from policyd.protocol import format_answer
+from policyd.server import HARD_CONNECTION_FACTOR
+
+#: Short enough to keep the suite fast, long enough for a loaded CI machine to answer in.
+DEADLINE = 0.3
+WHITELISTED = next(row for row in GOLDEN_ROWS if row.answer == b"ok whitelisted-client")
+GREYLISTED = next(row for row in GOLDEN_ROWS if row.answer.startswith(b"defer 451 4.7.1 "))
+
+
+def answered_whole(row: GoldenRow) -> bool:
+    """The server answers at the first newline, so a row with a newline before its end is
+    answered for its first line only (see test_answers_the_first_line_only)."""
+    return b"\n" not in row.request[:-1]
+
+
+def newline_terminated(row: GoldenRow) -> bool:
+    return row.request.endswith(b"\n") and answered_whole(row)
+
+
+def fallback_answer(fallback: str, cause: str) -> bytes:
+    """docs/protocol.md: ``ok fallback <cause>`` or the fixed 4.3.0 defer."""
+    if fallback == "defer":
+        return format_answer(FALLBACK_DEFER)
+    return f"ok fallback {cause}".encode()
+
+
+async def replay(
+    address: Any, rows: list[GoldenRow], *, chunk: int | None = None, half_close: bool = True
+) -> list[str]:
+    """The rows whose answer differs from the table, described."""
+    wrong = []
+    for row in rows:
+        got = await ask(address, row.request, chunk=chunk, half_close=half_close)
+        if got != row.answer:
+            wrong.append(f"{row}: got {got!r}, want {row.answer!r}")
+    return wrong
+
+
+# --- the golden table -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, None], ids=["1", "2", "7", "all"])
+async def test_golden_table_with_half_close(server_factory: ServerFactory, chunk: int) -> None:
+    srv = await server_factory(**GOLDEN_CONFIG)
+    rows = [row for row in GOLDEN_ROWS if answered_whole(row)]
+    assert await replay(srv.socket, rows, chunk=chunk) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None], ids=["1", "7", "all"])
+async def test_golden_table_newline_without_half_close(
+    server_factory: ServerFactory, chunk: int
+) -> None:
+    """A client that keeps its write side open still gets the answer and then EOF."""
+    srv = await server_factory(**GOLDEN_CONFIG)
+    rows = [row for row in GOLDEN_ROWS if newline_terminated(row)]
+    assert len(rows) > 40
+    assert await replay(srv.socket, rows, chunk=chunk, half_close=False) == []
+
+
+async def test_golden_table_all_at_once(server_factory: ServerFactory) -> None:
+    """Every row on its own connection, all in flight together (one group commit or more)."""
+    srv = await server_factory(**GOLDEN_CONFIG)
+    rows = [row for row in GOLDEN_ROWS if answered_whole(row)]
+    answers = await asyncio.gather(*(ask(srv.socket, row.request) for row in rows))
+    assert [(str(r), a) for r, a in zip(rows, answers, strict=True) if a != r.answer] == []
+
+
+async def test_answers_the_first_line_only(server_factory: ServerFactory) -> None:
+    """Two lines in one write: the answer is for the first, the rest is never read as a
+    question (the codec alone refuses such a request; see golden.tsv)."""
+    srv = await server_factory(**GOLDEN_CONFIG)
+    got = await ask(srv.socket, WHITELISTED.request.rstrip(b"\r\n") + b"\n" + GREYLISTED.request)
+    assert got == WHITELISTED.answer
+    await srv.wait_idle()
+
+
+# --- limits and fallbacks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fallback", ["accept", "defer"])
+async def test_request_over_the_limit_gets_the_fallback(
+    server_factory: ServerFactory, fallback: str
+) -> None:
+    limit = 512
+    srv = await server_factory(
+        server={"max_request_bytes": limit, "fallback": fallback}, **GOLDEN_CONFIG
+    )
+    base = WHITELISTED.request.rstrip(b"\r\n") + b" pad="
+    exact = base + b"x" * (limit - len(base) - 1) + b"\n"
+    assert len(exact) == limit
+    assert await ask(srv.socket, exact) == WHITELISTED.answer
+
+    over = base + b"x" * (limit - len(base)) + b"\n"
+    assert len(over) == limit + 1
+    assert await ask(srv.socket, over) == fallback_answer(fallback, "request-too-large")
+    huge = base + b"A" * (10 * limit)  # no newline, then half-close
+    assert await ask(srv.socket, huge) == fallback_answer(fallback, "request-too-large")
+
+    assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+    await srv.wait_idle()
+
+
+@pytest.mark.parametrize("fallback", ["accept", "defer"])
+async def test_slow_client_gets_the_fallback_at_the_deadline(
+    server_factory: ServerFactory, fallback: str
+) -> None:
+    srv = await server_factory(server={"deadline": DEADLINE, "fallback": fallback}, **GOLDEN_CONFIG)
+    question = await Question.connect(srv.socket)
+    try:
+        started = time.monotonic()
+        await question.send(WHITELISTED.request[:20])  # ...and stall, write side open
+        async with asyncio.timeout(DEADLINE + 2):
+            got = await question.answer(half_close=False)  # returns only at EOF
+        elapsed = time.monotonic() - started
+    finally:
+        question.close()
+    assert got == fallback_answer(fallback, "deadline")
+    assert DEADLINE * 0.9 <= elapsed < DEADLINE + 1.5
+    await srv.wait_idle()
+    assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+
+
+async def test_garbage_gets_an_error_answer(server_factory: ServerFactory) -> None:
+    srv = await server_factory(**GOLDEN_CONFIG)
+    # No newline early in the garbage: the server would answer there and close on the rest.
+    tls_hello = bytes.fromhex("160301020001000200fc0303") + bytes(range(0x80, 0x100))
+    for garbage in (tls_hello, b"GET / HTTP/1.1\r\nHost: policyd\r\n\r\n", b"\x00" * 100):
+        got = await ask(srv.socket, garbage)
+        assert got.startswith(b"error bad request: "), garbage
+        assert WELL_FORMED.fullmatch(got), got
+    assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+
+
+async def test_more_connections_than_allowed(server_factory: ServerFactory) -> None:
+    """Over max_connections a question gets the fallback; far over it (×4) connections are
+    closed at accept. Nothing hangs, and the server serves normally afterwards."""
+    allowed, deadline = 4, 0.5
+    hard_limit = HARD_CONNECTION_FACTOR * allowed
+    srv = await server_factory(
+        server={"max_connections": allowed, "deadline": deadline}, **GOLDEN_CONFIG
+    )
+    for idle_count, asked in [
+        (10, {"ok fallback too-many-connections"}),
+        (hard_limit + 4, {"reset", "closed"}),
+    ]:
+        idle = [await Question.connect(srv.socket) for _ in range(idle_count)]
+        try:
+            await srv.wait_until_open(min(idle_count, hard_limit))
+            outcome = await _outcome(ask(srv.socket, WHITELISTED.request))
+            idle_outcomes = await asyncio.gather(
+                *(_outcome(q.answer(half_close=False)) for q in idle)
+            )
+        finally:
+            for question in idle:
+                question.close()
+        assert outcome in asked
+        kept = min(idle_count, hard_limit)
+        assert Counter(idle_outcomes) == Counter(
+            {"ok fallback deadline": kept, "closed": idle_count - kept}
+        )
+        await srv.wait_idle()
+        assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+
+
+async def _outcome(answer: Awaitable[bytes]) -> str:
+    """The answer; "closed" for EOF without one; "reset" for a reset connection."""
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            got = await answer
+    except ConnectionError:
+        return "reset"
+    if not got:
+        return "closed"
+    assert WELL_FORMED.fullmatch(got), got
+    return got.decode()
+
+
+async def test_clients_that_close_early_break_nothing(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    loop_errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    srv = await server_factory(server={"deadline": DEADLINE}, **GOLDEN_CONFIG)
+    for partial in (b"", b"rcpt v=1 ip=", WHITELISTED.request):
+        for _ in range(5):
+            question = await Question.connect(srv.socket)
+            await question.send(partial)
+            question.close()  # without reading the answer, maybe before it is written
+    await srv.wait_idle()
+    assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+    assert loop_errors == []
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# --- stop, TCP, uvloop ----------------------------------------------------------------------
+
+
+async def test_stop_drains_a_question_in_flight(server_factory: ServerFactory) -> None:
+    srv = await server_factory(server={"deadline": "5s"}, **GOLDEN_CONFIG)
+    question = await Question.connect(srv.socket)
+    try:
+        await question.send(WHITELISTED.request[:20])
+        await srv.wait_until_open(1)
+        stopping = asyncio.create_task(srv.server.stop(drain_timeout=5))
+        await asyncio.sleep(0.05)
+        assert not stopping.done(), "stop() returned with a question in flight"
+        assert not Path(srv.socket).exists(), "stop() keeps the socket file while draining"
+        await question.send(WHITELISTED.request[20:])
+        async with asyncio.timeout(2):
+            assert await question.answer() == WHITELISTED.answer
+            await stopping
+    finally:
+        question.close()
+
+
+async def test_stop_cuts_questions_after_the_drain_timeout(server_factory: ServerFactory) -> None:
+    srv = await server_factory(server={"deadline": "5s"}, **GOLDEN_CONFIG)
+    question = await Question.connect(srv.socket)
+    try:
+        await question.send(WHITELISTED.request[:20])
+        await srv.wait_until_open(1)
+        async with asyncio.timeout(2):
+            await srv.server.stop(drain_timeout=0.1)
+            assert await question.answer(half_close=False) == b"ok fallback shutdown"
+    finally:
+        question.close()
+
+
+async def test_tcp_listener_on_port_zero(server_factory: ServerFactory) -> None:
+    srv = await server_factory(server={"socket": "", "tcp": "127.0.0.1:0"}, **GOLDEN_CONFIG)
+    assert srv.server.tcp_port() not in (None, 0)
+    rows = [row for row in GOLDEN_ROWS if answered_whole(row)]
+    assert await replay(srv.tcp, rows[:20], chunk=7) == []
+    assert await replay(srv.tcp, rows) == []
+
+
+def test_same_server_on_uvloop(tmp_path: Path) -> None:
+    """The daemon runs on uvloop when installed: its transports must behave the same."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[str]:
+        sections = {**GOLDEN_CONFIG, "server": {"deadline": DEADLINE}}
+        async with running_server(tmp_path, **sections) as srv:
+            rows = [row for row in GOLDEN_ROWS if answered_whole(row)]
+            wrong = await replay(srv.socket, rows, chunk=1)
+            wrong += await replay(srv.socket, rows)
+            wrong += await replay(
+                srv.socket, [r for r in rows if newline_terminated(r)], half_close=False
+            )
+            question = await Question.connect(srv.socket)
+            try:
+                await question.send(b"rcpt v=1")
+                got = await question.answer(half_close=False)
+            finally:
+                question.close()
+            if got != b"ok fallback deadline":
+                wrong.append(f"deadline: got {got!r}")
+            return wrong
+
+    assert uvloop.run(scenario()) == []
+
+
+async def test_connect_and_close_probe_gets_no_answer_and_no_warning(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A health probe (connect, half-close without a byte) is not a malformed question."""
+    caplog.set_level(logging.WARNING)
+    srv = await server_factory(**GOLDEN_CONFIG)
+    assert await ask(srv.socket, b"") == b""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+    await srv.wait_idle()
