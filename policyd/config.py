@@ -197,6 +197,8 @@ class GreylistConfig:
     ipv6_prefix: int = opt(64, _prefix(128))
     learn: bool = opt(False, _conv_bool)
     skip_authenticated: bool = opt(True, _conv_bool)
+    #: Questions from the outbound fragment (relay hosts, authenticated clients).
+    skip_relay: bool = opt(True, _conv_bool)
     whitelist_clients: tuple[IPNetwork, ...] = opt(
         (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
     )
@@ -302,6 +304,75 @@ class RatelimitConfig:
     rule: tuple[RateRule, ...] = opt((), _rules)
 
 
+_NAMESERVER_RE: Final = re.compile(
+    r"\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?|[0-9.]+(:[0-9]{1,5})?|[0-9a-fA-F:]+"
+)
+
+
+def _nameservers(value: object, key: str) -> tuple[str, ...]:
+    """DNS servers as c-ares takes them: ``127.0.0.1``, ``127.0.0.1:5353``, ``[::1]:5353``."""
+    out = tuple(v.strip() for v in _conv_str_list(value, key))
+    for entry in out:
+        address = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+        address = address.split("]")[0].lstrip("[")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: {entry!r} is not an IP address with an optional port "
+                "(e.g. '127.0.0.1:5353', '[::1]:53')"
+            ) from None
+        if not _NAMESERVER_RE.fullmatch(entry):
+            raise ConfigError(f"{key}: {entry!r} is not 'address' or 'address:port'")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SpfConfig:
+    """``[spf]``: SPF checks (docs/spf.md). Off by default: turning it on makes the daemon
+    query DNS for every new sender domain."""
+
+    enabled: bool = opt(False, _conv_bool)
+    #: DNS servers (``host:port``); empty: the system's (/etc/resolv.conf).
+    nameservers: tuple[str, ...] = opt((), _nameservers)
+    #: Total time budget of one check; then the result is temperror. Below [server] deadline.
+    timeout: float = opt(0.8, _duration)
+    #: One DNS query, c-ares retries included.
+    query_timeout: float = opt(0.5, _duration)
+    #: DNS answers cached at once (LRU); bounds the cache's memory.
+    cache_size: int = opt(10_000, _positive)
+    #: How long NXDOMAIN/NODATA answers are cached.
+    negative_ttl: float = opt(300.0, _duration)
+    #: ``null-sender``: the HELO identity is checked when MAIL FROM is <> (RFC 7208 §2.4);
+    #: ``first``: also checked first for every sender, and a HELO fail decides (§2.3).
+    helo: str = opt("null-sender", _choice("null-sender", "first"))
+    skip_authenticated: bool = opt(True, _conv_bool)
+    #: Relay hosts and other clients never checked.
+    skip_clients: tuple[IPNetwork, ...] = opt(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
+    )
+    #: fail: ``reject`` (550 5.7.23) or ``tag`` (accept, headers only).
+    fail_action: str = opt("reject", _choice("reject", "tag"))
+    #: softfail is accepted with headers; this many seconds are added to the greylist delay.
+    softfail_greylist_delay: float = opt(0.0, _duration)
+    #: permerror: ``accept`` (headers only) or ``reject`` (550 5.7.24).
+    permerror_action: str = opt("accept", _choice("accept", "reject"))
+    #: temperror: ``defer`` (451 4.4.3) until the give-up rule, or ``accept`` at once.
+    temperror_action: str = opt("defer", _choice("defer", "accept"))
+    #: Give-up rule for one (client IP, sender): accept once it was deferred this many
+    #: times, or once this long has passed since its first temperror.
+    temperror_max_defers: int = opt(3, _conv_int)
+    temperror_max_time: float = opt(3600.0, _duration)
+    #: authserv-id of Authentication-Results (RFC 8601 §2.5); empty: the host name.
+    authserv_id: str = opt("", _conv_str)
+    received_spf_header: bool = opt(True, _conv_bool)
+    authentication_results_header: bool = opt(True, _conv_bool)
+    #: Wide-open guard for greylisting keyed on an SPF-pass domain: a record authorising
+    #: more addresses in total than one IPv4 /N or IPv6 /N keeps network keying.
+    greylist_max_ipv4_prefix: int = opt(12, _prefix(32))
+    greylist_max_ipv6_prefix: int = opt(32, _prefix(128))
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """``[metrics]``: the Prometheus exporter (needs prometheus-client)."""
@@ -328,6 +399,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     ratelimit: RatelimitConfig = field(default_factory=RatelimitConfig)
+    spf: SpfConfig = field(default_factory=SpfConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     source: str = "<defaults>"
@@ -338,6 +410,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "store": StoreConfig,
     "greylist": GreylistConfig,
     "ratelimit": RatelimitConfig,
+    "spf": SpfConfig,
     "metrics": MetricsConfig,
     "admin": AdminConfig,
 }
@@ -372,6 +445,8 @@ def _cross_check(config: Config) -> None:
     grey = config.greylist
     if grey.delay >= grey.retry_window:
         raise ConfigError("greylist.delay: must be shorter than greylist.retry_window")
+    if config.spf.enabled and config.spf.timeout >= config.server.deadline:
+        raise ConfigError("spf.timeout: must be shorter than server.deadline")
     if not config.server.socket and not config.server.tcp:
         raise ConfigError("server.socket: no listener (set server.socket or server.tcp)")
 

@@ -39,6 +39,8 @@ class Query:
     recipient: str = ""
     recipients: tuple[str, ...] = ()
     auth: str = ""
+    #: asked from the outbound fragment: the client is a relay host or authenticated
+    relay: bool = False
     txn: str = ""
     conn: str = ""
     nrcpt: int = 0

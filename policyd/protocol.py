@@ -36,6 +36,7 @@ _INT_FIELDS: Final = {
     "bodysize": "body_size",
     "lines": "lines",
     "port": "port",
+    "relay": "relay",
 }
 _TOKEN_FIELDS: Final = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
 _TOKEN_RE: Final = re.compile(r"[!-~]{0,128}")
@@ -98,6 +99,8 @@ def _build_query(stage: Stage, fields: dict[str, str]) -> Query:
             if not _TOKEN_RE.fullmatch(fields[key]):
                 raise ProtocolError(f"{key}= is not a printable token")
             values[attr] = fields[key]
+    if "relay" in values:
+        values["relay"] = values["relay"] != 0
     recipients = values.pop("recipients", None)
     if isinstance(recipients, str):
         values["recipients"] = tuple(r.strip() for r in recipients.split(",") if r.strip())

@@ -187,6 +187,8 @@ class Greylist:
             return "disabled"
         if query.auth and config.skip_authenticated:
             return "authenticated"
+        if query.relay and config.skip_relay:
+            return "relay-client"
         if query.client in self.whitelist_clients:
             return "whitelisted-client"
         if recipient_matches(normalise_recipient(query.recipient), config.whitelist_recipients):

@@ -41,7 +41,7 @@ EXIM_USER = "Debian-exim"
 REPO = Path(__file__).resolve().parents[3]
 SNIPPETS_DIR = REPO / "exim-snippets"
 #: What test.conf includes, plus test.conf itself: copied verbatim into the lab.
-SNIPPET_FILES = ("00_policyd", "rcpt.acl", "data.acl", "test.conf")
+SNIPPET_FILES = ("00_policyd", "rcpt.acl", "data.acl", "outbound.acl", "test.conf")
 #: SMTP reply lines in ``exim -bh`` output (the rest is banners and debug text).
 REPLY_RE = re.compile(r"^[0-9]{3}[ -]")
 FINAL_REPLY_RE = re.compile(r"^[0-9]{3} ")

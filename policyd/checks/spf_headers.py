@@ -1,0 +1,132 @@
+"""SPF result values and the header text recording them: ``Received-SPF:`` (RFC 7208 §9.1)
+and ``Authentication-Results:`` (RFC 8601). Pure functions; no I/O."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Final
+
+#: Client-controlled values in headers are cut to this (RFC 5321 §4.5.3.1: path ≤ 256).
+MAX_HEADER_VALUE: Final = 255
+#: Header lines are folded before this length (RFC 5322 §2.1.1 recommends 78).
+FOLD_AT: Final = 78
+
+
+class Result(enum.Enum):
+    """RFC 7208 §2.6 results."""
+
+    PASS = "pass"  # noqa: S105 - an SPF result, not a password
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    NEUTRAL = "neutral"
+    NONE = "none"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
+class Identity(enum.Enum):
+    """RFC 7208 §2.3/§2.4: which identity was checked."""
+
+    MAILFROM = "mailfrom"
+    HELO = "helo"
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """One identity's SPF result and what the headers say about it."""
+
+    identity: Identity
+    result: Result
+    domain: str
+    client_ip: str
+    sender: str
+    helo: str
+    explanation: str = ""
+    mechanism: str = ""
+    problem: str = ""
+
+
+_NOT_PRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+_DOT_ATOM: Final = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+)
+
+
+def _printable(text: str) -> str:
+    return _NOT_PRINTABLE.sub("?", text)[:MAX_HEADER_VALUE]
+
+
+def quote_value(text: str) -> str:
+    """A dot-atom as is, anything else as a quoted-string (RFC 7208 §9.1 ``value``)."""
+    text = _printable(text)
+    if _DOT_ATOM.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str) -> str:
+    """Comment content (RFC 5322 §3.2.2) with its specials escaped."""
+    escaped = _printable(text).replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    return f"({escaped})"
+
+
+def comment_text(checked: Checked) -> str:
+    """The human sentence of RFC 7208 §9.1's examples."""
+    who = checked.sender if checked.identity is Identity.MAILFROM else checked.helo
+    ip = checked.client_ip
+    return {
+        Result.PASS: f"domain of {who} designates {ip} as permitted sender",
+        Result.FAIL: f"domain of {who} does not designate {ip} as permitted sender",
+        Result.SOFTFAIL: f"domain of transitioning {who} does not designate {ip} as "
+        "permitted sender",
+        Result.NEUTRAL: f"{ip} is neither permitted nor denied by domain of {who}",
+        Result.NONE: f"domain of {who} does not designate permitted sender hosts",
+        Result.TEMPERROR: f"error in processing during lookup of {who}",
+        Result.PERMERROR: f"permanent error in processing domain of {who}",
+    }[checked.result]
+
+
+def _fold(name: str, head: str, items: list[str]) -> str:
+    """``Name: head item item …`` folded with ``\\n\\t`` before FOLD_AT where it can be."""
+    lines = [f"{name}: {head}"]
+    for item in items:
+        if len(lines[-1]) + 1 + len(item) > FOLD_AT:
+            lines.append(item)
+        else:
+            lines[-1] += " " + item
+    return "\n\t".join(lines)
+
+
+def received_spf(checked: Checked, receiver: str) -> str:
+    """The ``Received-SPF:`` header line (RFC 7208 §9.1), folded."""
+    pairs = [
+        f"client-ip={checked.client_ip};",
+        *(
+            [f"envelope-from={quote_value(checked.sender)};"]
+            if checked.identity is Identity.MAILFROM
+            else []
+        ),
+        f"helo={quote_value(checked.helo)};",
+        f"receiver={quote_value(receiver)};",
+    ]
+    if checked.mechanism:
+        pairs.append(f"mechanism={quote_value(checked.mechanism)};")
+    if checked.problem and checked.result in (Result.PERMERROR, Result.TEMPERROR):
+        pairs.append(f"problem={quote_value(checked.problem)};")
+    pairs.append(f"identity={checked.identity.value}")
+    head = f"{checked.result.value} {_comment(f'{receiver}: {comment_text(checked)}')}"
+    return _fold("Received-SPF", head, pairs)
+
+
+def authentication_results(checked: tuple[Checked, ...], authserv_id: str) -> str:
+    """One ``Authentication-Results:`` header (RFC 8601) with a resinfo per identity."""
+    items = []
+    for i, one in enumerate(checked):
+        prop = "smtp.mailfrom" if one.identity is Identity.MAILFROM else "smtp.helo"
+        value = one.domain if one.identity is Identity.MAILFROM else one.helo
+        last = i == len(checked) - 1
+        items += [f"spf={one.result.value}", _comment(comment_text(one))]
+        items.append(f"{prop}={quote_value(value)}{'' if last else ';'}")
+    return _fold("Authentication-Results", f"{quote_value(authserv_id)};", items)
