@@ -132,6 +132,21 @@ def _duration(value: object, key: str) -> float:
     return parse_duration(value, key)
 
 
+def _positive_duration(value: object, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be longer than 0")
+    return seconds
+
+
+def _redis_prefix(value: object, key: str) -> str:
+    text = _conv_str(value, key)
+    # Braces would move the hash tag; glob characters would break admin scans.
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
+        raise ConfigError(f"{key}: 1-64 characters from A-Z a-z 0-9 _ . : - expected")
+    return text
+
+
 def opt(default: Any, conv: Callable[[object, str], Any]) -> Any:
     """A config field with its default and its converter."""
     return field(default=default, metadata={"conv": conv})
@@ -182,6 +197,24 @@ class StoreConfig:
     #: Rows removed per expiry step; expiry runs in small steps, never stop-the-world.
     expire_batch: int = opt(500, _positive)
     expire_interval: float = opt(10.0, _duration)
+    #: SQLite: questions share one write transaction this long (group commit).
+    commit_interval: float = opt(0.005, _duration)
+    # Redis (docs/redis.md); ignored by the embedded store unless noted.
+    #: Namespace of every Redis key (``policyd:t:{…}…``); lets several setups share a Redis.
+    prefix: str = opt("policyd", _redis_prefix)
+    #: Budget of one Redis round trip (connect included); well under ``server.deadline``.
+    timeout: float = opt(0.25, _positive_duration)
+    #: Consecutive failed round trips that open the circuit (answer the fallback at once).
+    breaker_failures: int = opt(3, _positive)
+    #: While open, one probe goes through this often; success closes the circuit.
+    breaker_reset: float = opt(1.0, _positive_duration)
+    #: TLS (``rediss://``): CA bundle to verify the server, client certificate and key.
+    tls_ca_file: str = opt("", _conv_str)
+    tls_cert_file: str = opt("", _conv_str)
+    tls_key_file: str = opt("", _conv_str)
+    #: Keyed hashing (HMAC-SHA256) of stored keys, any store; the same secret on every MX.
+    hash_secret: str = field(default="", repr=False, metadata={"conv": _conv_str})
+    hash_secret_file: str = opt("", _conv_str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,8 +372,11 @@ class SpfConfig:
     timeout: float = opt(0.8, _duration)
     #: One DNS query, c-ares retries included.
     query_timeout: float = opt(0.5, _duration)
-    #: DNS answers cached at once (LRU); bounds the cache's memory.
-    cache_size: int = opt(10_000, _positive)
+    #: DNS answers cached at once (LRU, ~0.4 KiB each); bounds the cache's memory.
+    cache_size: int = opt(5_000, _positive)
+    #: SPF results cached per (client IP, sender, HELO) until their DNS answers expire (LRU,
+    #: ~0.5 KiB each): a repeat check costs a look-up instead of an evaluation.
+    result_cache_size: int = opt(2_000, _positive)
     #: How long NXDOMAIN/NODATA answers are cached.
     negative_ttl: float = opt(300.0, _duration)
     #: ``null-sender``: the HELO identity is checked when MAIL FROM is <> (RFC 7208 §2.4);
@@ -449,6 +485,11 @@ def _cross_check(config: Config) -> None:
         raise ConfigError("spf.timeout: must be shorter than server.deadline")
     if not config.server.socket and not config.server.tcp:
         raise ConfigError("server.socket: no listener (set server.socket or server.tcp)")
+    remote = not config.store.url.startswith("sqlite://")
+    if remote and config.store.timeout >= config.server.deadline:
+        raise ConfigError("store.timeout: must be shorter than server.deadline")
+    if config.store.hash_secret and config.store.hash_secret_file:
+        raise ConfigError("store.hash_secret: set hash_secret or hash_secret_file, not both")
 
 
 def load(path: str | Path | None) -> Config:

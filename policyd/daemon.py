@@ -103,6 +103,9 @@ class Daemon:
             metrics = Metrics(self.config.metrics.enabled)
             stack.callback(metrics.close)
             self.dispatcher = Dispatcher(self.config, store, metrics=metrics)
+            if self.config.server.log_target == "stderr":
+                self.dispatcher.decisions.stream = sys.stderr
+            stack.callback(self.dispatcher.decisions.flush)
             admin = Admin(self.dispatcher, store)
             await admin.reload_whitelist()
             server = PolicyServer(

@@ -13,13 +13,14 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from . import __version__
 from .addresses import NetworkSet
 from .checks.greylist import Greylist, Status
 from .checks.ratelimit import RateLimiter
 from .config import Config
+from .decisions import DecisionLog
 from .lists import Whitelist
 from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
@@ -29,7 +30,6 @@ from .stores.timed import TimedStore
 from .txn import Transaction, TransactionMemory
 
 logger = logging.getLogger(__name__)
-decision_log = logging.getLogger("policyd.decision")
 
 #: RFC 3463 4.3.0 "other or undefined mail system status": our own trouble, retry later.
 FALLBACK_DEFER: Final = Verdict(
@@ -70,6 +70,16 @@ class Dispatcher:
             TimedStore(store, self.metrics) if self.metrics.registry else store
         )
         self.whitelist = Whitelist([])
+        self.decisions = DecisionLog()
+        # Label children looked up once: labels() costs more than the increment itself.
+        self._per_stage = {
+            stage: (
+                self.metrics.questions.labels(stage.value),
+                self.metrics.latency.labels(stage.value),
+            )
+            for stage in Stage
+        }
+        self._decision_counters: dict[tuple[str, str, str], Any] = {}
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
@@ -111,7 +121,7 @@ class Dispatcher:
                 "check failed; answering fallback for %r", request[:LOGGED_REQUEST_BYTES]
             )
             verdict = self._fallback_verdict("internal-error")
-        self.log_decision(query, verdict)
+        self.decisions.record(query, verdict)
         self._count(query.stage, verdict, time.perf_counter() - started)
         return format_answer(verdict)
 
@@ -120,10 +130,14 @@ class Dispatcher:
         return fallback_verdict(self.config, cause)
 
     def _count(self, stage: Stage, verdict: Verdict, seconds: float) -> None:
-        m = self.metrics
-        m.questions.labels(stage.value).inc()
-        m.latency.labels(stage.value).observe(seconds)
-        m.decisions.labels(verdict.check or "-", verdict.reason or "-", verdict.action.value).inc()
+        questions, latency = self._per_stage[stage]
+        questions.inc()
+        latency.observe(seconds)
+        labels = (verdict.check or "-", verdict.reason or "-", verdict.action.value)
+        counter = self._decision_counters.get(labels)
+        if counter is None:
+            counter = self._decision_counters[labels] = self.metrics.decisions.labels(*labels)
+        counter.inc()
 
     async def decide(self, query: Query) -> Verdict:
         now = self.clock()
@@ -197,20 +211,3 @@ class Dispatcher:
                 f"at {self.hostname}; {date}"
             )
         return Verdict(Action.ACCEPT, check="data", headers=tuple(headers))
-
-    def log_decision(self, query: Query, verdict: Verdict) -> None:
-        if not decision_log.isEnabledFor(logging.INFO):
-            return
-        decision_log.info(
-            "decision stage=%s client=%s sender=%r rcpt=%r helo=%r txn=%s action=%s check=%s "
-            "reason=%s",
-            query.stage.value,
-            query.client,
-            query.sender,
-            query.recipient if query.stage is Stage.RCPT else ",".join(query.recipients),
-            query.helo,
-            query.txn or "-",
-            verdict.action.value,
-            verdict.check or "-",
-            verdict.reason or "-",
-        )

@@ -6,9 +6,12 @@ removed in small batches by an index on the expiry time, never in one long sweep
 
 Statements run on the event loop's thread: a point read and an upsert on a primary key cost
 a few microseconds, less than handing the work to a thread would. The commit is what costs
-(~20 µs), so questions that arrive in the same loop iteration share one transaction (group
-commit): the first opens it, a ``call_soon`` callback commits it, and every question in it
-is answered only after that commit.
+(WAL frame writes and file locks, tens of microseconds), so questions share one write
+transaction for ``commit_interval`` (5 ms by default): the first opens it and schedules the
+commit. A question is answered as soon as its statements ran, before that commit; if the
+daemon is killed inside the window, at most those few milliseconds of state changes are lost
+(a sender is greylisted once more; nothing else). Admin changes commit at once. WAL
+checkpoints (which fsync) run in a worker thread on their own connection, never in a commit.
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ CREATE TABLE IF NOT EXISTS list (
 ) WITHOUT ROWID;
 """
 EXPIRING_TABLES: Final = ("triplet", "client", "rate")
-#: WAL pages before SQLite checkpoints during a commit (its default is 1000 ≈ 4 MiB).
-WAL_AUTOCHECKPOINT_PAGES: Final = 1000
+#: 0: never checkpoint inside a commit on the event loop (each one fsyncs for milliseconds);
+#: a worker thread checkpoints every ``checkpoint_interval`` instead.
+WAL_AUTOCHECKPOINT_PAGES: Final = 0
 #: How long a writer waits for a lock held by another process (e.g. an offline backup).
 BUSY_TIMEOUT_MS: Final = 200
 
@@ -107,6 +111,8 @@ class SQLiteStore(SQLiteAdmin):
         cache_kib: int = 4096,
         expire_batch: int = 500,
         expire_interval: float = 10.0,
+        commit_interval: float = 0.005,
+        checkpoint_interval: float = 1.0,
     ) -> None:
         self.path = path
         self.cache_kib = cache_kib
@@ -114,7 +120,11 @@ class SQLiteStore(SQLiteAdmin):
         self.expire_interval = expire_interval
         self._db: sqlite3.Connection | None = None
         self._expiry: asyncio.Task[None] | None = None
-        self._batch: asyncio.Future[None] | None = None
+        self.commit_interval = commit_interval
+        self.checkpoint_interval = checkpoint_interval
+        self._in_transaction = False
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
         self.expired_unretried = 0
         self.expired_total = 0
 
@@ -125,21 +135,24 @@ class SQLiteStore(SQLiteAdmin):
             cache_kib=config.cache_kib,
             expire_batch=config.expire_batch,
             expire_interval=config.expire_interval,
+            commit_interval=config.commit_interval,
         )
 
     async def start(self) -> None:
         self._db = connect(self.path, self.cache_kib)
         self._db.execute("SELECT count(*) FROM client").fetchone()
-        self._expiry = asyncio.get_running_loop().create_task(self._expire_forever())
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.create_task(self._expire_forever())
+        self._checkpoints = loop.create_task(self._checkpoint_forever())
 
     async def aclose(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
-            self._expiry = None
-        if self._batch is not None:
-            self._commit()
+        for task in (self._expiry, self._checkpoints):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._expiry = self._checkpoints = None
+        self._commit()
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -152,52 +165,50 @@ class SQLiteStore(SQLiteAdmin):
             raise sqlite3.ProgrammingError("store is not started")
         return self._db
 
-    def _join_batch(self) -> asyncio.Future[None]:
-        """The open group-commit transaction, opened (and its commit scheduled) if none."""
-        if self._batch is None:
-            self.db.execute("BEGIN IMMEDIATE")
-            loop = asyncio.get_running_loop()
-            self._batch = loop.create_future()
-            loop.call_soon(self._commit)
-        return self._batch
-
     def _commit(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch is None:
+        """End the open write transaction (scheduled ``commit_interval`` after it began)."""
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        if not self._in_transaction:
             return
+        self._in_transaction = False
         try:
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._fail(batch, exc)
-        else:
-            if not batch.done():
-                batch.set_result(None)
+            self._rollback(exc)
 
-    @contextlib.contextmanager
-    def _statements(self) -> Iterator[asyncio.Future[None]]:
-        """Run statements inside the open batch; an SQLite error fails the whole batch."""
-        batch = self._join_batch()
-        try:
-            yield batch
-        except sqlite3.Error as exc:
-            if self._batch is batch:
-                self._batch = None
-                self._fail(batch, exc)
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
-
-    def _fail(self, batch: asyncio.Future[None], exc: sqlite3.Error) -> None:
-        """Roll the whole batch back; every question in it gets the fallback."""
+    def _rollback(self, exc: sqlite3.Error) -> None:
+        """Undo the open transaction: the questions answered in it lose their state change
+        (a sender may be greylisted once more; nothing else is lost)."""
         logger.error("SQLite transaction failed, rolled back: %s", exc)
+        self._in_transaction = False
         with contextlib.suppress(sqlite3.Error):
             self.db.execute("ROLLBACK")
-        if not batch.done():
-            batch.set_exception(StoreUnavailable(f"sqlite: {exc}"))
+
+    @contextlib.contextmanager
+    def _statements(self, *, durable: bool = False) -> Iterator[None]:
+        """Run statements in the open write transaction (opened, and its commit scheduled,
+        if there is none). ``durable`` commits before returning (admin changes)."""
+        if not self._in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._in_transaction = True
+            if not durable:
+                loop = asyncio.get_running_loop()
+                self._commit_timer = loop.call_later(self.commit_interval, self._commit)
+        try:
+            yield
+        except sqlite3.Error as exc:
+            self._rollback(exc)
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        if durable:
+            self._commit()
 
     async def greylist_step(
         self, triplet_key: str, client_key: str, now: float, timing: Timing, force_pass: bool
     ) -> Step:
         db = self.db
-        with self._statements() as batch:
+        with self._statements():
             row = db.execute(
                 "SELECT first_seen, last_seen, passed, attempts FROM triplet WHERE k = ?",
                 (triplet_key,),
@@ -227,13 +238,12 @@ class SQLiteStore(SQLiteAdmin):
                     "INSERT OR REPLACE INTO client VALUES (?, ?, ?, ?)",
                     (client_key, c.passes, c.last_seen, result.client_expires),
                 )
-        await batch  # answered only once the state is committed
         return result
 
     async def ratelimit_step(self, charges: Sequence[Charge], now: float) -> list[Decision]:
         """All charges of one question in one transaction: admitted together or not at all."""
         db = self.db
-        with self._statements() as batch:
+        with self._statements():
             states = []
             for charge in charges:
                 row = db.execute("SELECT tat FROM rate WHERE k = ?", (charge.key,)).fetchone()
@@ -248,7 +258,6 @@ class SQLiteStore(SQLiteAdmin):
                         if d.outcome.allowed
                     ],
                 )
-        await batch
         return decisions
 
     def expire(self, now: float) -> int:
@@ -300,6 +309,23 @@ class SQLiteStore(SQLiteAdmin):
         figures["expired_unretried"] = self.expired_unretried
         figures["expired_triplets"] = self.expired_total
         return figures
+
+    def _checkpoint(self) -> None:
+        """Copy committed WAL pages into the database (and fsync) on a connection of its
+        own, in a worker thread: the event loop never waits for the disk."""
+        db = sqlite3.connect(self.path, timeout=1.0)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    async def _checkpoint_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_interval)
+            try:
+                await asyncio.to_thread(self._checkpoint)
+            except sqlite3.Error as exc:
+                logger.warning("WAL checkpoint failed; will retry: %s", exc)
 
     async def _expire_forever(self) -> None:
         while True:

@@ -3,7 +3,6 @@ deleting greylist and rate-limit state for ``policyctl`` (never on the question 
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -22,23 +21,21 @@ class SQLiteAdmin:
     def db(self) -> sqlite3.Connection:
         raise NotImplementedError
 
-    def _statements(self) -> AbstractContextManager[asyncio.Future[None]]:
+    def _statements(self, *, durable: bool = False) -> AbstractContextManager[None]:
         raise NotImplementedError
 
     async def list_add(self, entry: ListEntry) -> None:
-        with self._statements() as batch:
+        with self._statements(durable=True):
             self.db.execute(
                 "INSERT OR REPLACE INTO list VALUES (?, ?, ?, ?, ?)",
                 (entry.kind, entry.value, entry.expires, entry.comment, entry.added),
             )
-        await batch
 
     async def list_remove(self, kind: str, value: str) -> bool:
-        with self._statements() as batch:
+        with self._statements(durable=True):
             removed = self.db.execute(
                 "DELETE FROM list WHERE kind = ? AND value = ?", (kind, value)
             ).rowcount
-        await batch
         return bool(removed)
 
     async def list_entries(self) -> list[ListEntry]:
@@ -82,7 +79,7 @@ class SQLiteAdmin:
 
     async def greylist_pass(self, keys: Sequence[str], now: float, timing: Timing) -> int:
         """Mark triplets passed now (``policyctl greylist pass``); creates missing ones."""
-        with self._statements() as batch:
+        with self._statements(durable=True):
             for key in keys:
                 row = self.db.execute(
                     "SELECT first_seen, attempts FROM triplet WHERE k = ?", (key,)
@@ -92,7 +89,6 @@ class SQLiteAdmin:
                     "INSERT OR REPLACE INTO triplet VALUES (?, ?, ?, 1, ?, ?)",
                     (key, first, now, attempts, now + timing.max_age),
                 )
-        await batch
         return len(keys)
 
     async def greylist_delete(self, keys: Sequence[str]) -> int:
@@ -113,14 +109,13 @@ class SQLiteAdmin:
 
     async def _delete(self, table: str, keys: Sequence[str]) -> int:
         removed = 0
-        with self._statements() as batch:
+        with self._statements(durable=True):
             for chunk in _chunks(keys, 500):
                 marks = ",".join("?" * len(chunk))
                 removed += self.db.execute(
                     f"DELETE FROM {table} WHERE k IN ({marks})",  # noqa: S608  # constant table
                     chunk,
                 ).rowcount
-        await batch
         return removed
 
 

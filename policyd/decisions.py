@@ -1,0 +1,68 @@
+"""One key=value line per decision, cheap enough for every question.
+
+A line per question through ``logging`` costs a LogRecord, a format and a write-and-flush
+each time (~10 µs, a sixth of a whole question). When the daemon logs to stderr (journald
+under systemd), lines are instead formatted once, collected, and written with one write per
+event-loop iteration, in exactly the format the logging handler would have used. With any
+other target (syslog, tests' caplog) they go through ``logging`` as usual.
+
+Untrusted fields (sender, recipient, HELO) are written with ``repr``: quotes, backslash
+escapes, never a raw CR/LF, so a hostile value cannot forge a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Final, TextIO
+
+from .model import Query, Stage, Verdict
+
+logger = logging.getLogger("policyd.decision")
+
+#: Same shape as daemon.LOG_FORMAT's asctime ("2026-11-25 21:00:00,123").
+_TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+
+
+def decision_line(query: Query, verdict: Verdict) -> str:
+    recipient = query.recipient if query.stage is Stage.RCPT else ",".join(query.recipients)
+    return (
+        f"decision stage={query.stage.value} client={query.client} sender={query.sender!r} "
+        f"rcpt={recipient!r} helo={query.helo!r} txn={query.txn or '-'} "
+        f"action={verdict.action.value} check={verdict.check or '-'} "
+        f"reason={verdict.reason or '-'}"
+    )
+
+
+class DecisionLog:
+    """Writes decision lines; batched to ``stream`` when one is set, else via logging."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self._pending: list[str] = []
+
+    def record(self, query: Query, verdict: Verdict) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        line = decision_line(query, verdict)
+        if self.stream is None:
+            logger.info("%s", line)
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        """Write what is pending (called once per loop iteration, and at shutdown)."""
+        if not self._pending or self.stream is None:
+            return
+        lines, self._pending = self._pending, []
+        now = time.time()
+        stamp = f"{time.strftime(_TIME_FORMAT, time.localtime(now))},{int(now % 1 * 1000):03d}"
+        prefix = f"{stamp} INFO {logger.name}: "
+        # stderr closed or full: never take the daemon down for a log line.
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write("".join(f"{prefix}{line}\n" for line in lines))
+            self.stream.flush()
