@@ -106,6 +106,7 @@ class Daemon:
             if self.config.server.log_target == "stderr":
                 self.dispatcher.decisions.stream = sys.stderr
             stack.callback(self.dispatcher.decisions.flush)
+            stack.push_async_callback(self.dispatcher.aclose)
             admin = Admin(self.dispatcher, store)
             await admin.reload_whitelist()
             server = PolicyServer(

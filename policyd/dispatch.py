@@ -13,12 +13,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import __version__
 from .addresses import NetworkSet
 from .checks.greylist import Greylist, Status
 from .checks.ratelimit import RateLimiter
+from .checks.spf_headers import Identity, Result
 from .config import Config
 from .decisions import DecisionLog
 from .lists import Whitelist
@@ -29,6 +30,10 @@ from .stores import QuestionStore, Store, StoreUnavailable
 from .stores.timed import TimedStore
 from .txn import Transaction, TransactionMemory
 
+if TYPE_CHECKING:  # SPF needs aiodns and pyspf: imported only when [spf] is enabled
+    from .checks.spf import SpfCheck, SpfOutcome
+    from .dns import Resolver
+
 logger = logging.getLogger(__name__)
 
 #: RFC 3463 4.3.0 "other or undefined mail system status": our own trouble, retry later.
@@ -37,6 +42,16 @@ FALLBACK_DEFER: Final = Verdict(
 )
 #: Requests are logged with %r and cut to this length so a hostile one cannot flood the log.
 LOGGED_REQUEST_BYTES: Final = 300
+
+
+def spf_pass_domain(outcome: SpfOutcome | None) -> str:
+    """The MAIL FROM domain when SPF passed for it ('' otherwise): what a sender_domain
+    whitelist entry may match (design.md §3: only when SPF passes)."""
+    if outcome is None or outcome.result is not Result.PASS:
+        return ""
+    if outcome.identity is not Identity.MAILFROM:
+        return ""
+    return outcome.domain.lower()
 
 
 def fallback_verdict(config: Config, cause: str) -> Verdict:
@@ -60,11 +75,15 @@ class Dispatcher:
         self,
         config: Config,
         store: Store,
+        *,
         clock: Callable[[], float] = time.time,
         hostname: str | None = None,
         metrics: Metrics | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.metrics = metrics or Metrics(enabled=False)
+        self.resolver = resolver
+        self.spf: SpfCheck | None = None
         self.raw_store = store
         self.store: QuestionStore = (
             TimedStore(store, self.metrics) if self.metrics.registry else store
@@ -90,10 +109,28 @@ class Dispatcher:
         """Apply a (re)loaded policy; the store and listeners stay as they are."""
         self.config = config
         self.greylist = Greylist(config.greylist, self.store)
+        previous = self.spf
+        self.spf = None
+        if config.spf.enabled:
+            from .checks.spf import SpfCheck, resolver_from_config
+
+            if self.resolver is None:
+                # One resolver (and DNS cache) for the daemon's life; its settings
+                # (nameservers, cache size) take effect at start.
+                self.resolver = resolver_from_config(config.spf)
+            self.spf = SpfCheck(config.spf, self.resolver, hostname=self.hostname)
+            if previous is not None:  # keep the temperror give-up counts across reloads
+                self.spf.temperrors = previous.temperrors
         rules = config.ratelimit.rule if config.ratelimit.enabled else ()
         self.ratelimit = RateLimiter(rules, NetworkSet(config.ratelimit.exempt_clients), self.store)
         for name, tally in self.ratelimit.counters.items():
             self.metrics.ratelimit_fill.labels(name).set_function(tally.take_peak_fill)
+
+    async def aclose(self) -> None:
+        """Release what the checks hold (the DNS resolver)."""
+        if self.resolver is not None:
+            await self.resolver.close()
+            self.resolver = None
 
     def fallback(self, cause: str) -> bytes:
         """The fallback answer for a question the server could not hand over (busy, deadline)."""
@@ -147,20 +184,47 @@ class Dispatcher:
 
     async def _rcpt(self, query: Query, now: float) -> Verdict:
         txn = self.txns.setdefault(query.txn, now)
-        # Greylisting first: a deferred attempt will come back, and must not be counted
-        # against a flood limit twice.
-        grey = await self._greylist(query, txn, now)
+        spf = await self._spf(query, txn, now)
+        if spf is not None and spf.verdict.is_final:
+            return spf.verdict
+        # Greylisting before rate limits: a deferred attempt will come back, and must not be
+        # counted against a flood limit twice.
+        grey = await self._greylist(query, txn, now, spf)
         if grey.is_final:
             return grey
         return await self._ratelimit(query, txn, now) or grey
 
-    async def _greylist(self, query: Query, txn: Transaction, now: float) -> Verdict:
-        entry = self.whitelist.match(query, now) if self.config.greylist.enabled else None
+    async def _spf(self, query: Query, txn: Transaction, now: float) -> SpfOutcome | None:
+        """SPF once per transaction (the sender is the same for every recipient)."""
+        if self.spf is None or query.relay:
+            return None
+        if txn.spf is None:
+            txn.spf = await self.spf.check(query, now)
+            outcome = txn.spf
+            if outcome.result is not None and outcome.identity is not None:
+                self.metrics.spf.labels(outcome.identity.value, outcome.result.value).inc()
+        return txn.spf
+
+    async def _greylist(
+        self, query: Query, txn: Transaction, now: float, spf: SpfOutcome | None
+    ) -> Verdict:
+        passed_domain = spf_pass_domain(spf)
+        entry = (
+            self.whitelist.match(query, now, passed_domain)
+            if self.config.greylist.enabled
+            else None
+        )
         if entry is not None:
             return Verdict(Action.ACCEPT, check="greylist", reason=f"whitelist-{entry.kind}")
         together = self.config.greylist.multi_recipient == "first"
         earlier = txn.greylist if together else None
-        result = await self.greylist.check(query, now, force_pass=earlier is Action.ACCEPT)
+        result = await self.greylist.check(
+            query,
+            now,
+            force_pass=earlier is Action.ACCEPT,
+            spf_domain=spf.greylist_domain if spf is not None else None,
+            extra_delay=spf.extra_greylist_delay if spf is not None else 0.0,
+        )
         if result.status is None:  # skipped: whitelists do not decide for the others
             return result.verdict
         txn.delayed = max(txn.delayed, result.delayed)
@@ -203,7 +267,7 @@ class Dispatcher:
         limited = await self._ratelimit(query, txn, now)
         if limited is not None:
             return limited
-        headers: list[str] = []
+        headers: list[str] = list(txn.spf.headers) if txn.spf is not None else []
         if txn.delayed > 0 and self.config.greylist.add_header:
             date = email.utils.formatdate(now, usegmt=True)
             headers.append(

@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Record types SPF needs (RFC 7208 §5: a, mx, ptr, exists, include/redirect; §4.4 TXT).
 RTYPES: Final = frozenset({"A", "AAAA", "MX", "PTR", "TXT"})
-#: Entries kept at once (answers for one name and type); ~0.5 KiB each, so ~5 MiB at most.
-DEFAULT_CACHE_SIZE: Final = 10_000
+#: Entries kept at once (answers for one name and type); ~0.4 KiB each, so ~2 MiB at most.
+DEFAULT_CACHE_SIZE: Final = 5_000
 #: Per query, c-ares retries included. RFC 7208 §4.6.4 allows 20 s for a whole check; we are
 #: inside Exim's 2 s readsocket timeout, so a query gets a fraction of a second.
 DEFAULT_QUERY_TIMEOUT: Final = 0.5

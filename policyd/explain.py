@@ -11,7 +11,7 @@ from typing import Any
 
 from .checks.greylist import step
 from .checks.ratelimit import decide_all, verdict_for
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, spf_pass_domain
 from .model import ACCEPT, Query, Verdict
 from .protocol import format_answer
 
@@ -30,9 +30,25 @@ async def explain(dispatcher: Dispatcher, query: Query, now: float) -> dict[str,
     checks: list[dict[str, Any]] = []
     final: Verdict | None = None
 
+    spf = await dispatcher.spf.check(query, now) if dispatcher.spf is not None else None
+    if spf is not None:
+        checks.append(
+            {
+                "check": "spf",
+                "result": spf.result.value if spf.result is not None else None,
+                "identity": spf.identity.value if spf.identity is not None else None,
+                "domain": spf.domain,
+                "skipped": spf.skipped,
+                "greylist_domain": spf.greylist_domain,
+                **_verdict_fields(spf.verdict),
+            }
+        )
+        if spf.verdict.is_final:
+            final = spf.verdict
+
     grey = dispatcher.greylist
     skip = grey.skip_reason(query)
-    entry = dispatcher.whitelist.match(query, now) if not skip else None
+    entry = dispatcher.whitelist.match(query, now, spf_pass_domain(spf)) if not skip else None
     if skip:
         checks.append({"check": "greylist", "action": "ok", "reason": skip})
     elif entry is not None:
@@ -45,9 +61,11 @@ async def explain(dispatcher: Dispatcher, query: Query, now: float) -> dict[str,
             }
         )
     else:
-        triplet_key, client_key = grey.keys(query)
+        spf_domain = spf.greylist_domain if spf is not None else None
+        triplet_key, client_key = grey.keys(query, spf_domain)
         triplet, client = await store.greylist_peek(triplet_key, client_key)
-        result = step(triplet, client, now, grey.timing)
+        extra = spf.extra_greylist_delay if spf is not None else 0.0
+        result = step(triplet, client, now, grey.timing_for(extra))
         verdict = grey.verdict(result.status, result.retry_in)
         finding: dict[str, Any] = {
             "check": "greylist",
@@ -63,12 +81,12 @@ async def explain(dispatcher: Dispatcher, query: Query, now: float) -> dict[str,
         if client is not None:
             finding["client_passes"] = client.passes
         checks.append(finding)
-        if verdict.is_final:
+        if verdict.is_final and final is None:
             final = verdict
 
     limiter = dispatcher.ratelimit
     charges = limiter.charges(query, set())
-    if charges:
+    if charges and final is None:
         tats = await store.ratelimit_peek([c.key for c in charges])
         decisions, _ = decide_all(tats, charges, now)
         for decision in decisions:

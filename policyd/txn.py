@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .model import Action, Verdict
+
+if TYPE_CHECKING:
+    from .checks.spf import SpfOutcome
 
 #: Transactions remembered at once; an entry is ~200 bytes, so this is ~4 MiB at most.
 MAX_TRANSACTIONS: Final = 20_000
@@ -33,6 +36,8 @@ class Transaction:
     rate_charged: set[str] = field(default_factory=set)
     #: A per-message/connection refusal, repeated for the rest of the transaction.
     rate_refused: Verdict | None = None
+    #: The SPF outcome, evaluated at the first RCPT; its headers are given at DATA.
+    spf: SpfOutcome | None = None
 
 
 class TransactionMemory:

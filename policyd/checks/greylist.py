@@ -195,12 +195,26 @@ class Greylist:
             return "whitelisted-recipient"
         return ""
 
-    def keys(self, query: Query) -> tuple[str, str]:
-        """(triplet key, client key) for a question."""
+    def keys(self, query: Query, spf_domain: str | None = None) -> tuple[str, str]:
+        """(triplet key, client key) for a question. With an SPF-validated sender domain
+        the domain replaces the client network, so a provider retrying from another host of
+        its own pool is recognised (design.md §3)."""
         config = self.config
-        network = client_network(query.client, config.ipv4_prefix, config.ipv6_prefix)
+        client = spf_domain or client_network(query.client, config.ipv4_prefix, config.ipv6_prefix)
         sender, recipient = normalise_sender(query.sender), normalise_recipient(query.recipient)
-        return triplet_key(network, sender, recipient), network
+        return triplet_key(client, sender, recipient), client
+
+    def timing_for(self, extra_delay: float) -> Timing:
+        """The timings, with a longer delay (e.g. for an SPF softfail)."""
+        if extra_delay <= 0:
+            return self.timing
+        t = self.timing
+        return Timing(
+            t.delay + extra_delay,
+            max(t.retry_window, t.delay + extra_delay + 1),
+            t.max_age,
+            t.auto_whitelist_after,
+        )
 
     def verdict(self, status: Status, retry_in: float) -> Verdict:
         """The answer for a state-machine status (learn mode never defers)."""
@@ -213,11 +227,20 @@ class Greylist:
         reason = status.value if not config.learn else f"learn-{status.value}"
         return Verdict(Action.ACCEPT, check=CHECK, reason=reason)
 
-    async def check(self, query: Query, now: float, *, force_pass: bool = False) -> GreylistResult:
+    async def check(
+        self,
+        query: Query,
+        now: float,
+        *,
+        force_pass: bool = False,
+        spf_domain: str | None = None,
+        extra_delay: float = 0.0,
+    ) -> GreylistResult:
         skip = self.skip_reason(query)
         if skip:
             return GreylistResult(Verdict(Action.ACCEPT, check=CHECK, reason=skip), None)
-        key, network = self.keys(query)
-        result = await self.store.greylist_step(key, network, now, self.timing, force_pass)
+        key, client = self.keys(query, spf_domain)
+        timing = self.timing_for(extra_delay)
+        result = await self.store.greylist_step(key, client, now, timing, force_pass)
         verdict = self.verdict(result.status, result.retry_in)
         return GreylistResult(verdict, result.status, result.delayed)

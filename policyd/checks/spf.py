@@ -77,7 +77,11 @@ TEMPERROR_FORGET_AFTER: Final = 86_400.0
 
 @dataclass(frozen=True, slots=True)
 class SpfOutcome:
-    """Everything the dispatcher needs from one check."""
+    """Everything the dispatcher needs from one check.
+
+    The header text is formatted when asked for (at DATA), not at RCPT, and is not kept in
+    the result cache: ``received_spf``, ``authentication_results`` and ``headers`` are
+    properties."""
 
     verdict: Verdict
     #: The deciding identity's result; None when skipped.
@@ -87,17 +91,33 @@ class SpfOutcome:
     explanation: str = ""
     #: Every identity evaluated, in order (HELO first in ``helo = "first"`` mode).
     checked: tuple[Checked, ...] = ()
-    received_spf: tuple[str, ...] = ()
-    authentication_results: str = ""
     greylist_domain: str | None = None
     extra_greylist_delay: float = 0.0
     skipped: str = ""
+    #: The receiver / authserv-id named in the headers, and which headers to give.
+    receiver: str = ""
+    with_received_spf: bool = True
+    with_authentication_results: bool = True
+
+    @property
+    def received_spf(self) -> tuple[str, ...]:
+        """One ``Received-SPF:`` header line per identity checked (RFC 7208 §9.1)."""
+        if not self.with_received_spf:
+            return ()
+        return tuple(received_spf(one, self.receiver) for one in self.checked)
+
+    @property
+    def authentication_results(self) -> str:
+        """One ``Authentication-Results:`` header line (RFC 8601), or "" for none."""
+        if not self.with_authentication_results or not self.checked:
+            return ""
+        return authentication_results(self.checked, self.receiver)
 
     @property
     def headers(self) -> tuple[str, ...]:
         """Complete header lines for the DATA ACL, Received-SPF first (RFC 7208 §9.1)."""
-        ar = (self.authentication_results,) if self.authentication_results else ()
-        return (*self.received_spf, *ar)
+        ar = self.authentication_results
+        return (*self.received_spf, ar) if ar else self.received_spf
 
 
 # -- pure mapping ------------------------------------------------------------------------------
@@ -186,8 +206,6 @@ class _Evaluated:
     """What a check derives from DNS alone; reused until its first DNS answer expires."""
 
     checked: tuple[Checked, ...]
-    received_spf: tuple[str, ...]
-    authentication_results: str
     greylist_domain: str | None
     expires: float
 
@@ -196,7 +214,7 @@ class SpfCheck:
     """Evaluates SPF for a query within the budget and maps the result to policy.
 
     Results are cached per (client IP, sender, HELO) until the first DNS answer they rest on
-    expires (the resolver's clock), in an LRU of ``cache_size`` entries: a warm check is a
+    expires (the resolver's clock), in an LRU of ``result_cache_size`` entries: a warm check is a
     dictionary look-up, not a pyspf run."""
 
     def __init__(
@@ -209,6 +227,7 @@ class SpfCheck:
         self.receiver = config.authserv_id or hostname or socket.gethostname()
         self.temperrors = TempErrorMemory(config.temperror_max_defers, config.temperror_max_time)
         self._results: OrderedDict[tuple[str, str, str], _Evaluated] = OrderedDict()
+        self._guards: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
 
     async def close(self) -> None:
         if self._owns_resolver:
@@ -246,8 +265,9 @@ class SpfCheck:
             domain=deciding.domain,
             explanation=deciding.explanation,
             checked=evaluated.checked,
-            received_spf=evaluated.received_spf,
-            authentication_results=evaluated.authentication_results,
+            receiver=self.receiver,
+            with_received_spf=self.config.received_spf_header,
+            with_authentication_results=self.config.authentication_results_header,
             greylist_domain=evaluated.greylist_domain,
             extra_greylist_delay=self.config.softfail_greylist_delay if softfail else 0.0,
         )
@@ -266,7 +286,7 @@ class SpfCheck:
         if evaluated.expires <= self.resolver.clock():
             return
         self._results[key] = evaluated
-        while len(self._results) > self.config.cache_size:
+        while len(self._results) > self.config.result_cache_size:
             self._results.popitem(last=False)
 
     async def _evaluate(self, client_ip: str, sender: str, helo: str, now: float) -> _Evaluated:
@@ -285,18 +305,7 @@ class SpfCheck:
         if deciding.result is Result.PASS:
             greylist_domain, until = await self._greylist_domain(deciding.domain, deadline)
             expires = min(expires, until)
-        config = self.config
-        return _Evaluated(
-            tuple(checked),
-            tuple(received_spf(c, self.receiver) for c in checked)
-            if config.received_spf_header
-            else (),
-            authentication_results(tuple(checked), self.receiver)
-            if config.authentication_results_header
-            else "",
-            greylist_domain,
-            expires,
-        )
+        return _Evaluated(tuple(checked), greylist_domain, expires)
 
     async def _identity(
         self, client_ip: str, sender: str, helo: str, deadline: float, now: float
@@ -337,7 +346,21 @@ class SpfCheck:
         ), view.expires
 
     async def _greylist_domain(self, domain: str, deadline: float) -> tuple[str | None, float]:
-        """``domain`` when its record is not wide open (see authorised_breadth), else None."""
+        """``domain`` when its record is not wide open (see authorised_breadth), else None;
+        and until when that holds. Kept per domain like results (same bound)."""
+        known = self._guards.get(domain)
+        if known is not None and known[1] > self.resolver.clock():
+            self._guards.move_to_end(domain)
+            return known
+        answer = await self._guard(domain, deadline)
+        if answer[1] > self.resolver.clock():
+            self._guards[domain] = answer
+            self._guards.move_to_end(domain)
+            while len(self._guards) > self.config.result_cache_size:
+                self._guards.popitem(last=False)
+        return answer
+
+    async def _guard(self, domain: str, deadline: float) -> tuple[str | None, float]:
         view = View(self.resolver)
         try:
             breadth = await drive(view, lambda: authorised_breadth(view, domain), deadline)

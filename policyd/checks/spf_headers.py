@@ -89,7 +89,10 @@ def comment_text(checked: Checked) -> str:
 
 
 def _fold(name: str, head: str, items: list[str]) -> str:
-    """``Name: head item item …`` folded with ``\\n\\t`` before FOLD_AT where it can be."""
+    """``Name: head item item …`` folded with ``\\n\\t`` before FOLD_AT where it can be.
+
+    Items are never split, so a fold never falls inside a quoted-string (where unfolding
+    would turn the space into a tab); comments are passed as one item per word."""
     lines = [f"{name}: {head}"]
     for item in items:
         if len(lines[-1]) + 1 + len(item) > FOLD_AT:
@@ -116,8 +119,8 @@ def received_spf(checked: Checked, receiver: str) -> str:
     if checked.problem and checked.result in (Result.PERMERROR, Result.TEMPERROR):
         pairs.append(f"problem={quote_value(checked.problem)};")
     pairs.append(f"identity={checked.identity.value}")
-    head = f"{checked.result.value} {_comment(f'{receiver}: {comment_text(checked)}')}"
-    return _fold("Received-SPF", head, pairs)
+    comment = _comment(f"{receiver}: {comment_text(checked)}").split(" ")
+    return _fold("Received-SPF", checked.result.value, [*comment, *pairs])
 
 
 def authentication_results(checked: tuple[Checked, ...], authserv_id: str) -> str:
@@ -127,6 +130,6 @@ def authentication_results(checked: tuple[Checked, ...], authserv_id: str) -> st
         prop = "smtp.mailfrom" if one.identity is Identity.MAILFROM else "smtp.helo"
         value = one.domain if one.identity is Identity.MAILFROM else one.helo
         last = i == len(checked) - 1
-        items += [f"spf={one.result.value}", _comment(comment_text(one))]
+        items += [f"spf={one.result.value}", *_comment(comment_text(one)).split(" ")]
         items.append(f"{prop}={quote_value(value)}{'' if last else ';'}")
     return _fold("Authentication-Results", f"{quote_value(authserv_id)};", items)
