@@ -136,7 +136,9 @@ class Admin:
             ttl = _number(item, "expires_in", 0.0)
             comment = _text(item, "comment")[:200]
             prepared.append(ListEntry(kind, value, now + ttl if ttl else 0.0, comment, now))
-        if len(self.dispatcher.whitelist) + len(prepared) > MAX_ENTRIES:
+        known = {(e.kind, e.value) for e in self.dispatcher.whitelist.entries}
+        new = {(e.kind, e.value) for e in prepared} - known
+        if len(known) + len(new) > MAX_ENTRIES:
             raise AdminError(f"whitelist would exceed {MAX_ENTRIES} entries")
         for entry in prepared:
             await self.store.list_add(entry)
@@ -185,6 +187,8 @@ class Admin:
 
     async def greylist_pass(self, request: dict[str, Any]) -> dict[str, Any]:
         parts = self._triplet_parts(request)
+        if all(p is None for p in parts) and request.get("all") is not True:
+            raise AdminError("name a client, sender or recipient (or all=true to pass all)")
         if all(p is not None for p in parts):
             keys = ["|".join(p for p in parts if p is not None)]
         else:

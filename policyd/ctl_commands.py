@@ -146,7 +146,7 @@ def cmd_greylist_pass(args: argparse.Namespace, session: Session) -> Reply:
     fields = _triplet_fields(args)
     if not any(fields.values()) and not args.all:
         usage_error("greylist pass: name --client, --sender or --recipient (or --all)")
-    result = session.call("greylist.pass", **fields)
+    result = session.call("greylist.pass", **fields, all=bool(args.all))
     return Reply(result, [f"passed {result['passed']} triplet(s)", *result.get("keys", [])])
 
 

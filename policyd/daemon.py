@@ -138,6 +138,7 @@ class Daemon:
         """Off the hot path: drop expired whitelist entries, refresh the store gauges."""
         stats = getattr(admin.store, "stats", None)
         metrics = admin.dispatcher.metrics
+        counted_unretried = 0.0
         for _ in iter(int, 1):  # forever; cancelled at shutdown
             try:
                 await admin.reload_whitelist()
@@ -147,8 +148,12 @@ class Daemon:
             else:
                 metrics.auto_whitelisted.set(figures.get("auto_whitelisted", 0))
                 expired = figures.get("expired_triplets", 0)
+                unretried = figures.get("expired_unretried", 0)
                 if expired:
-                    metrics.never_retried.set(figures.get("expired_unretried", 0) / expired)
+                    metrics.never_retried.set(unretried / expired)
+                if unretried > counted_unretried:  # the store counts; the metric follows
+                    metrics.greylist_unretried.inc(unretried - counted_unretried)
+                    counted_unretried = unretried
             await asyncio.sleep(STATS_INTERVAL)
 
 

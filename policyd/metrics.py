@@ -164,7 +164,6 @@ class Metrics:
         "open_connections",
         "rss",
         "auto_whitelisted",
-        "triplets",
         "never_retried",
     )
 
