@@ -58,7 +58,7 @@ def install_loop(stdlib: bool) -> str:
     if stdlib:
         return "asyncio"
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -19,24 +19,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import socket
-import struct
 import sys
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from workload import Workload, generate  # noqa: E402
+from workload import Packed, Workload, generate
 
-# Exim's readsocket timer in our snippets; past it Exim takes the FAIL branch.
-EXIM_TIMEOUT_S = 2.0
-_TIMEVAL = struct.pack("ll", int(EXIM_TIMEOUT_S), int(EXIM_TIMEOUT_S % 1 * 1e6))
+Requests = Sequence[bytes] | Packed
+
+# Blocking askers use no socket timeout: SO_RCVTIMEO or settimeout() cost the client 10-25% of
+# its throughput. Instead the parent gives a child this long past the end of the run, then
+# kills it and counts its askers as "stuck" (Exim's own timer is 2s in our snippets).
+STUCK_AFTER_S = 5.0
 ENGINES = ("blocking", "async")
 
 # Answers that mean "policyd gave up" (docs/protocol.md, [server] fallback).
@@ -45,11 +50,18 @@ FALLBACK_MARKERS = (b"ok fallback", b"defer 451 4.3.0 policy service busy")
 
 def install_uvloop() -> str:
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
+
+
+def _json_number(v: object) -> object:
+    """Floats rounded for reading; NaN (no data) as null, which JSON can hold."""
+    if isinstance(v, float):
+        return None if math.isnan(v) else round(v, 1)
+    return v
 
 
 def classify(answer: bytes) -> str:
@@ -82,6 +94,7 @@ class LoadResult:
     errors: int  # connect/write/read failures (Exim would take its FAIL branch)
     answers: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
+    issued: int = 0  # all questions sent, warm-up and failures included
     next_index: int = 0  # where the next run should start in the workload to get fresh requests
 
     @property
@@ -89,7 +102,7 @@ class LoadResult:
         return self.answers.get("fallback", 0)
 
     def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
+        d = {k: _json_number(v) for k, v in asdict(self).items()}
         d["fallbacks"] = self.fallbacks
         return d
 
@@ -128,12 +141,13 @@ class _Partial:
     latencies: array  # type: ignore[type-arg]
     answers: dict[str, int]
     error_kinds: dict[str, int]
-    max_n: int
+    max_n: int  # most questions one asker sent
+    issued: int = 0  # questions sent, warm-up and failures included (for CPU per question)
 
 
 async def _ask_loop(
     path: str,
-    requests: list[bytes],
+    requests: Requests,
     first: int,
     stride: int,
     t_measure: float,
@@ -154,7 +168,7 @@ async def _ask_loop(
         n += 1
         done: asyncio.Future[bytes] = loop.create_future()
         try:
-            await loop.create_unix_connection(lambda: _Question(request, done), path)
+            await loop.create_unix_connection(lambda r=request, d=done: _Question(r, d), path)
             answer = await done
         except OSError as exc:
             kind = type(exc).__name__
@@ -165,11 +179,12 @@ async def _ask_loop(
             kind = classify(answer)
             answers[kind] = answers.get(kind, 0) + 1
     out.max_n = max(out.max_n, n)
+    out.issued += n
 
 
 def _blocking_loop(
     path: str,
-    requests: list[bytes],
+    requests: Requests,
     first: int,
     stride: int,
     t_measure: float,
@@ -189,10 +204,6 @@ def _blocking_loop(
         request = requests[(first + n * stride) % n_req]
         n += 1
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Kernel timeouts keep the socket blocking (``settimeout`` would add a poll per call
-        # and cost the client ~25% of its throughput); a timeout raises BlockingIOError.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL)
         chunks = []
         try:
             sock.connect(path)
@@ -211,6 +222,7 @@ def _blocking_loop(
             kind = classify(b"".join(chunks))
             answers[kind] = answers.get(kind, 0) + 1
     out.max_n = max(out.max_n, n)
+    out.issued += n
 
 
 def _measure_window(t_start: float, warmup: float, duration: float) -> tuple[float, float]:
@@ -224,7 +236,7 @@ def _measure_window(t_start: float, warmup: float, duration: float) -> tuple[flo
 
 async def _run_askers(
     path: str,
-    requests: list[bytes],
+    requests: Requests,
     asker_ids: range,
     stride: int,
     start_index: int,
@@ -243,7 +255,7 @@ async def _run_askers(
 def _askers(
     engine: str,
     path: str,
-    requests: list[bytes],
+    requests: Requests,
     asker_ids: range,
     stride: int,
     start_index: int,
@@ -264,7 +276,7 @@ def _askers(
 
 def _child(conn: multiprocessing.connection.Connection, *args: object) -> None:
     part = _askers(*args)  # type: ignore[arg-type]
-    conn.send((part.latencies.tobytes(), part.answers, part.error_kinds, part.max_n))
+    conn.send((part.latencies.tobytes(), part.answers, part.error_kinds, part.max_n, part.issued))
     conn.close()
 
 
@@ -272,7 +284,7 @@ def percentile(sorted_values: list[int], q: float) -> float:
     """Nearest-rank percentile of already sorted values (``q`` in 0..100)."""
     if not sorted_values:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    k = min(len(sorted_values), max(1, math.ceil(q * len(sorted_values) / 100 - 1e-9))) - 1
     return float(sorted_values[k])
 
 
@@ -313,13 +325,14 @@ def summarise(
         errors=sum(error_kinds.values()),
         answers=answers,
         error_kinds=error_kinds,
+        issued=sum(p.issued for p in parts),
         next_index=start_index + max_n * concurrency,
     )
 
 
 def run_load(
     path: str,
-    requests: list[bytes],
+    requests: Requests,
     *,
     concurrency: int,
     duration: float,
@@ -342,6 +355,7 @@ def run_load(
     # Forked children share the workload copy-on-write; give them time to start.
     t_start = time.monotonic() + 0.05 + 0.005 * procs
     ctx = multiprocessing.get_context("fork")
+    gc.freeze()  # keep the children's collector off the parent's objects (no COW copies)
     children = []
     lo = 0
     for count in per:
@@ -353,12 +367,17 @@ def run_load(
         children.append((proc, parent_end))
         lo += count
     parts = []
+    deadline = t_start + warmup + duration + STUCK_AFTER_S
     for proc, conn in children:
-        raw, answers, error_kinds, max_n = conn.recv()
-        lat = array("q")
-        lat.frombytes(raw)
-        parts.append(_Partial(lat, answers, error_kinds, max_n))
-        proc.join(timeout=30)
+        if conn.poll(max(0.0, deadline - time.monotonic())):
+            raw, answers, error_kinds, max_n, issued = conn.recv()
+            lat = array("q")
+            lat.frombytes(raw)
+            parts.append(_Partial(lat, answers, error_kinds, max_n, issued))
+        else:
+            proc.kill()
+            parts.append(_Partial(array("q"), {}, {"stuck": 1}, 0))
+        proc.join(timeout=STUCK_AFTER_S)
     return summarise(target or path, concurrency, procs, duration, parts, start_index)
 
 
@@ -387,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     wl: Workload = generate(args.size, args.seed, eol=args.newline)
     res = run_load(
         args.socket,
-        wl.requests,
+        wl.packed(),
         concurrency=args.concurrency,
         duration=args.duration,
         warmup=args.warmup,

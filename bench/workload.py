@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import random
+from array import array
 from dataclasses import dataclass, field
 
 # The bench config whitelists exactly these networks (bench/run.py writes them into [greylist]).
@@ -60,6 +61,9 @@ class Workload:
     def __len__(self) -> int:
         return len(self.requests)
 
+    def packed(self) -> Packed:
+        return Packed(self.requests)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for kind in self.kinds:
@@ -67,11 +71,37 @@ class Workload:
         return out
 
 
+class Packed:
+    """Requests packed in one bytes object: forked load processes share it copy-on-write.
+
+    A list of 100k bytes objects would be copied page by page into every child as soon as
+    the child touches reference counts; slicing one blob touches nothing shared.
+    """
+
+    __slots__ = ("blob", "offsets")
+
+    def __init__(self, requests: list[bytes]) -> None:
+        self.blob = b"".join(requests)
+        self.offsets = array("q", [0])
+        total = 0
+        for r in requests:
+            total += len(r)
+            self.offsets.append(total)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.blob[self.offsets[i] : self.offsets[i + 1]]
+
+
 def b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
-def format_request(t: Triplet, *, txn: str, nrcpt: int = 1, port: int = 25, eol: bool = False) -> bytes:
+def format_request(
+    t: Triplet, *, txn: str, nrcpt: int = 1, port: int = 25, eol: bool = False
+) -> bytes:
     """One RCPT question exactly as the Exim snippet builds it (no newline unless ``eol``)."""
     line = (
         f"rcpt v=1 ip={t.ip} port={port} helo_b64={b64(t.helo)} from_b64={b64(t.sender)} "
@@ -125,14 +155,18 @@ class TripletFactory:
             a = self.rng.randrange(1, 224)
             if a not in (10, 127, 198):  # keep away from private/loopback and the whitelist
                 break
-        return f"{a}.{self.rng.randrange(256)}.{self.rng.randrange(256)}.{self.rng.randrange(1, 255)}"
+        return (
+            f"{a}.{self.rng.randrange(256)}.{self.rng.randrange(256)}.{self.rng.randrange(1, 255)}"
+        )
 
     def ipv6(self) -> str:
         # 2001:db8:xxxx::/48 except ffff (whitelisted); host bits random, mostly small
         net = self.rng.randrange(0xFFFF)
         sub = self.rng.randrange(0x10000)
         host = self.rng.randrange(1, 0x100) if self.rng.random() < 0.7 else self.rng.getrandbits(64)
-        return self.spell_ip(str(ipaddress.IPv6Address((0x20010DB8 << 96) | (net << 80) | (sub << 64) | host)))
+        return self.spell_ip(
+            str(ipaddress.IPv6Address((0x20010DB8 << 96) | (net << 80) | (sub << 64) | host))
+        )
 
     def whitelisted_ip(self) -> str:
         net = self.rng.choice(self._wl_nets)
