@@ -108,6 +108,13 @@ def _store_url(value: object, key: str) -> str:
     text = _conv_str(value, key)
     if not re.match(r"(sqlite|redis|rediss|unix|redis\+sentinel|redis\+cluster)://", text):
         raise ConfigError(f"{key}: unsupported store URL {text.split('://')[0]!r}")
+    if not text.startswith("sqlite://"):
+        from .stores.redis_url import parse_url  # standard library only; config is loaded
+
+        try:
+            parse_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     return text
 
 
@@ -163,7 +170,9 @@ class ServerConfig:
     #: Whole-connection budget, well under the 2 s readsocket timeout of our snippets.
     deadline: float = opt(1.0, _duration)
     max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, _positive)
-    max_connections: int = opt(256, _positive)
+    #: Open connections answered normally; Exim's own smtp_accept_max defaults to 20, so
+    #: this leaves room for idle or slow clients without turning checks off.
+    max_connections: int = opt(1024, _positive)
     #: What a question over a limit (busy, deadline, store down) is answered.
     fallback: str = opt("accept", _choice("accept", "defer"))
     drain_timeout: float = opt(5.0, _duration)

@@ -28,7 +28,7 @@ from .config import ServerConfig
 logger = logging.getLogger(__name__)
 
 #: Connections beyond max_connections × this are closed on accept instead of answered.
-HARD_CONNECTION_FACTOR = 4
+HARD_CONNECTION_FACTOR = 2
 
 Answerer = Callable[[bytes], Awaitable[bytes]]
 Fallback = Callable[[str], bytes]
