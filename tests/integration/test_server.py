@@ -160,15 +160,15 @@ async def test_garbage_gets_an_error_answer(server_factory: ServerFactory) -> No
 
 
 async def test_more_connections_than_allowed(server_factory: ServerFactory) -> None:
-    """Over max_connections a question gets the fallback; far over it (×4) connections are
-    closed at accept. Nothing hangs, and the server serves normally afterwards."""
+    """Over max_connections a question gets the fallback; far over it (×HARD_CONNECTION_FACTOR)
+    connections are closed at accept. Nothing hangs, and the server serves normally afterwards."""
     allowed, deadline = 4, 0.5
     hard_limit = HARD_CONNECTION_FACTOR * allowed
     srv = await server_factory(
         server={"max_connections": allowed, "deadline": deadline}, **GOLDEN_CONFIG
     )
     for idle_count, asked in [
-        (10, {"ok fallback too-many-connections"}),
+        (hard_limit - 1, {"ok fallback too-many-connections"}),
         (hard_limit + 4, {"reset", "closed"}),
     ]:
         idle = [await Question.connect(srv.socket) for _ in range(idle_count)]
