@@ -146,6 +146,13 @@ def _positive_duration(value: object, key: str) -> float:
     return seconds
 
 
+def _hash_secret(value: object, key: str) -> str:
+    text = _conv_str(value, key)
+    if text and len(text.encode()) < 16:  # stores.keys.MIN_SECRET_BYTES
+        raise ConfigError(f'{key}: at least 16 bytes, or "" for no hashing')
+    return text
+
+
 def _redis_prefix(value: object, key: str) -> str:
     text = _conv_str(value, key)
     # Braces would move the hash tag; glob characters would break admin scans.
@@ -222,7 +229,7 @@ class StoreConfig:
     tls_cert_file: str = opt("", _conv_str)
     tls_key_file: str = opt("", _conv_str)
     #: Keyed hashing (HMAC-SHA256) of stored keys, any store; the same secret on every MX.
-    hash_secret: str = field(default="", repr=False, metadata={"conv": _conv_str})
+    hash_secret: str = field(default="", repr=False, metadata={"conv": _hash_secret})
     hash_secret_file: str = opt("", _conv_str)
 
 

@@ -68,7 +68,18 @@ async def open_store(config: StoreConfig) -> Store:
         from .sqlite import SQLiteStore
 
         store = SQLiteStore.from_config(config)
+    elif scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+        try:
+            from .redis_store import RedisStore
+        except ImportError as exc:  # the optional extra: pip install policyd[redis]
+            raise StoreUnavailable(f"store scheme {scheme!r} needs redis-py: {exc}") from None
+        store = RedisStore.from_config(config)
     else:
         raise StoreUnavailable(f"store scheme {scheme!r} is not available in this build")
+    from .keys import HashedStore, KeyHasher
+
+    hasher = KeyHasher.from_config(config)
+    if hasher is not None:
+        store = HashedStore(store, hasher)
     await store.start()
     return store

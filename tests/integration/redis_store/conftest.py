@@ -1,0 +1,234 @@
+"""The Redis store against real Redis processes: single servers, replicas with a sentinel,
+and a three-master cluster, all private to the test (``tests/redis_server.py``).
+
+This directory is a package named ``redis_store``, not ``redis``: pytest would import a
+``redis`` test package in place of redis-py, and a conftest outside a package would evict
+the ``conftest`` module that tests/integration's modules import by name.
+
+Needs ``redis-server`` and ``redis-cli``; without them every test here FAILS saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from base64 import b64encode
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# tests/ holds the Redis process helper shared with the contract suite.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from redis_server import (
+    RedisServer,
+    create_cluster,
+    free_port,
+    require,
+    sentinel_config,
+)
+
+from policyd.config import StoreConfig, from_mapping
+from policyd.stores import Store, open_store
+
+#: A question that takes longer than this (connect → answer → close) failed the test.
+ANSWER_TIMEOUT = 5.0
+#: The greylisting delay the daemons here use.
+DELAY = 1.0
+GREYLISTED = b"defer 451 4.7.1 "
+FALLBACK = b"ok fallback store-unavailable"
+
+
+@dataclass
+class RedisLab:
+    """Makes Redis processes under ``root``; kills every one of them (by PID) at the end."""
+
+    root: Path
+    made: list[RedisServer] = field(default_factory=list)
+
+    def server(
+        self,
+        name: str = "redis",
+        *,
+        tcp: bool = False,
+        cluster: bool = False,
+        options: tuple[str, ...] = (),
+    ) -> RedisServer:
+        port = free_port(cluster) if tcp or cluster else 0
+        server = RedisServer(self.root / name, port, options)
+        self.made.append(server)
+        return server.start()
+
+    def replica(self, master: RedisServer, name: str = "replica") -> RedisServer:
+        replica = self.server(
+            name, tcp=True, options=("--replicaof", "127.0.0.1", str(master.port))
+        )
+        wait_for(
+            lambda: info(replica, "replication").get("master_link_status") == "up",
+            "replica in sync",
+        )
+        return replica
+
+    def sentinel(self, master: RedisServer, service: str, name: str = "sentinel") -> RedisServer:
+        directory, port = self.root / name, free_port()
+        sentinel_config(directory, port, service, master)
+        sentinel = RedisServer(directory, port, sentinel=True)
+        self.made.append(sentinel)
+        return sentinel.start()
+
+    def cluster(self, masters: int = 3) -> list[RedisServer]:
+        require("redis-cli")
+        nodes = [
+            self.server(
+                f"node{i}",
+                cluster=True,
+                options=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(self.root / f"node{i}" / "nodes.conf"),
+                    "--cluster-node-timeout",
+                    "2000",
+                ),
+            )
+            for i in range(masters)
+        ]
+        create_cluster(nodes)
+        return nodes
+
+    def close(self) -> None:
+        for server in self.made:
+            server.kill(signal.SIGKILL)
+
+
+@pytest.fixture
+def redis_lab(tmp_path: Path) -> Iterator[RedisLab]:
+    require()
+    lab = RedisLab(tmp_path / "redis")
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="module")
+def module_redis_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisLab]:
+    """A lab shared by a module's tests (for set-ups that cost seconds, like a cluster)."""
+    require()
+    lab = RedisLab(tmp_path_factory.mktemp("redis"))
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+StoreOpener = Callable[..., Awaitable[Store]]
+
+
+@pytest.fixture
+async def open_redis_store() -> AsyncIterator[StoreOpener]:
+    """``await open_redis_store(url, timeout="100ms", ...)`` → a started store, closed at
+    teardown."""
+    opened: list[Store] = []
+
+    async def make(url: str, **options: Any) -> Store:
+        config = from_mapping({"store": {"url": url, **options}}, "<test>").store
+        store = await open_store(config)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.aclose()
+
+
+def store_config(url: str, **options: Any) -> StoreConfig:
+    return from_mapping({"store": {"url": url, **options}}, "<test>").store
+
+
+def info(server: RedisServer, section: str) -> dict[str, Any]:
+    with server.client() as client:
+        return dict(client.info(section))
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll another process's state (nothing to wait on but time)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {timeout}s")
+        time.sleep(0.02)
+
+
+# --- talking to a daemon --------------------------------------------------------------------
+
+
+def b64(text: str) -> str:
+    return b64encode(text.encode()).decode()
+
+
+def rcpt(ip: str, recipient: str, sender: str = "alice@example.net") -> bytes:
+    """An RCPT question as exim-snippets/rcpt.acl writes it."""
+    return (
+        f"rcpt v=1 ip={ip} port=25 helo_b64={b64('mx.example.net')} from_b64={b64(sender)} "
+        f"rcpt_b64={b64(recipient)} auth_b64= nrcpt=1\n"
+    ).encode()
+
+
+async def ask(path: str, request: bytes) -> bytes:
+    """One question as Exim asks it: connect, write, half-close, read until the close."""
+    async with asyncio.timeout(ANSWER_TIMEOUT):
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            writer.write(request)
+            await writer.drain()
+            writer.write_eof()
+            return await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+def ask_blocking(path: str, request: bytes) -> bytes:
+    return asyncio.run(ask(path, request))
+
+
+def admin(path: str, request: dict[str, Any]) -> Any:
+    """One policyctl request on the admin socket; the result, or the test fails."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(ANSWER_TIMEOUT)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    reply = json.loads(answer)
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def daemon_policy(url: str, **greylist: Any) -> dict[str, dict[str, Any]]:
+    """Sections for daemon_factory: the Redis store and greylisting with a short delay."""
+    return {
+        "store": {"url": url},
+        "greylist": {"delay": f"{DELAY}s", "auto_whitelist_after": 2, **greylist},
+    }
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
