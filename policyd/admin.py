@@ -28,7 +28,7 @@ from .lists import MAX_ENTRIES, ListEntry, ListError, Whitelist, normalise_entry
 from .metrics import rss_bytes
 from .model import Query, Stage
 from .protocol import ProtocolError, normalise_ip
-from .stores import Store
+from .stores import Store, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 MAX_LINE: Final = 1 << 20
 #: Admin connections served at once; more wait in the kernel backlog (bounds memory).
 MAX_ADMIN_CONNECTIONS: Final = 4
+#: How often the shared whitelist's version is read (one tiny store read each time).
+LIST_POLL_INTERVAL: Final = 0.25
 #: Rows one listing returns unless the request asks for fewer.
 DEFAULT_LIMIT: Final = 100
 
@@ -118,6 +120,21 @@ class Admin:
         whitelist = Whitelist([e for e in entries if e.live(now)])
         self.dispatcher.whitelist = whitelist
         return whitelist
+
+    async def watch_lists(self) -> None:
+        """Reload the whitelist when another daemon sharing the store changed it (Redis:
+        a version key bumped with every change). Runs until cancelled."""
+        seen: str | None = None
+        for _ in iter(int, 1):  # forever; cancelled at shutdown
+            try:
+                version = await self.store.list_version()
+                if seen is not None and version != seen:
+                    await self.reload_whitelist()
+                    logger.info("whitelist changed elsewhere; reloaded")
+                seen = version
+            except StoreUnavailable:
+                pass  # the store's own breaker logs the outage; keep the last whitelist
+            await asyncio.sleep(LIST_POLL_INTERVAL)
 
     async def ping(self, _: dict[str, Any]) -> dict[str, Any]:
         return {"version": __version__, "pid": os.getpid()}

@@ -21,7 +21,7 @@ from .config import Config, ConfigError, ServerConfig, load
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .server import PolicyServer
-from .stores import open_store
+from .stores import StoreUnavailable, open_store
 
 logger = logging.getLogger("policyd")
 
@@ -120,7 +120,12 @@ class Daemon:
                 admin_server = AdminServer(self.config.admin, admin)
                 await admin_server.start()
                 stack.push_async_callback(admin_server.stop)
-            for task in (_start_watchdog(loop), loop.create_task(self._housekeeping(admin))):
+            background = (
+                _start_watchdog(loop),
+                loop.create_task(self._housekeeping(admin)),
+                loop.create_task(admin.watch_lists()),
+            )
+            for task in background:
                 if task is not None:
                     stack.callback(task.cancel)
             systemd.notify(f"READY=1\nSTATUS=policyd {__version__} serving")
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return run_loop(Daemon(args.config, config))
-    except OSError as exc:
+    except (OSError, StoreUnavailable) as exc:
         logger.error("cannot start: %s", exc)
         return 1
     except KeyboardInterrupt:

@@ -151,7 +151,9 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except StoreUnavailable as exc:
-            logger.warning("store unavailable, answering fallback: %s", exc)
+            # DEBUG: the store logs its outage once per state change (the breaker); a line
+            # per question here would flood the log at thousands per second.
+            logger.debug("store unavailable, answering fallback: %s", exc)
             verdict = self._fallback_verdict("store-unavailable")
         except Exception:
             logger.exception(

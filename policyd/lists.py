@@ -59,6 +59,10 @@ class ListStore(Protocol):
 
     async def list_entries(self) -> list[ListEntry]: ...
 
+    async def list_version(self) -> str:
+        """Changes whenever any process sharing the store changes the whitelist."""
+        ...
+
 
 def normalise_entry(kind: str, value: str) -> str:
     """The canonical form of ``value`` for ``kind``; raises ListError when invalid."""

@@ -155,6 +155,9 @@ class HashedStore:
     async def list_entries(self) -> list[ListEntry]:
         return await self.inner.list_entries()
 
+    async def list_version(self) -> str:
+        return await self.inner.list_version()
+
     async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
         """The backend's figures, when it has any (``stats`` is optional)."""
         stats = getattr(self.inner, "stats", None)

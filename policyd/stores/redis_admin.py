@@ -60,12 +60,30 @@ class RedisAdmin:
     async def list_add(self, entry: ListEntry) -> None:
         field = f"{entry.kind}{FIELD_SEPARATOR}{entry.value}"
         value = json.dumps([entry.expires, entry.comment, entry.added])
-        await self._guard(self.client.hset(self.layout.whitelist, field, value))
+        await self._list_change("HSET", field, value)
 
     async def list_remove(self, kind: str, value: str) -> bool:
         field = f"{kind}{FIELD_SEPARATOR}{value}"
-        removed = await self._guard(self.client.hdel(self.layout.whitelist, field))
-        return bool(removed)
+        return bool(await self._list_change("HDEL", field))
+
+    async def _list_change(self, command: str, *args: str) -> Any:
+        """The change, then a version bump, in one round trip: every daemon sharing this
+        Redis sees the new version on its next poll (``list_version``) and reloads. (No
+        MULTI: a restricted ACL user needs nothing beyond the documented commands.)"""
+        layout = self.layout
+
+        async def change() -> Any:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(command, layout.whitelist, *args)
+                pipe.incr(layout.whitelist_version)
+                result, _ = await pipe.execute()
+                return result
+
+        return await self._guard(change())
+
+    async def list_version(self) -> str:
+        version = await self._guard(self.client.get(self.layout.whitelist_version))
+        return version.decode() if isinstance(version, bytes) else str(version or "0")
 
     async def list_entries(self) -> list[ListEntry]:
         raw: dict[bytes, bytes] = await self._guard(

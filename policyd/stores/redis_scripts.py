@@ -188,7 +188,8 @@ class KeyLayout:
     ``<prefix>:t:{<client>}|<sender>|<recipient>``  triplet hash (TTL: step's expiry)
     ``<prefix>:c:{<client>}``                       client hash (TTL: step's expiry)
     ``<prefix>:r:{rate}<rule>|<parts>``             rate TAT (TTL: TAT - now)
-    ``<prefix>:wl``                                 runtime whitelist hash (no TTL)
+    ``<prefix>:{wl}``                               runtime whitelist hash (no TTL)
+    ``<prefix>:{wl}:version``                       bumped on every whitelist change (no TTL)
     """
 
     prefix: str
@@ -225,4 +226,9 @@ class KeyLayout:
 
     @property
     def whitelist(self) -> str:
-        return f"{self.prefix}:wl"
+        return f"{self.prefix}:{{wl}}"
+
+    @property
+    def whitelist_version(self) -> str:
+        """Same hash tag as the whitelist: one Cluster slot, so both go in one pipeline."""
+        return f"{self.prefix}:{{wl}}:version"

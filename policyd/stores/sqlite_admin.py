@@ -38,6 +38,11 @@ class SQLiteAdmin:
             ).rowcount
         return bool(removed)
 
+    async def list_version(self) -> str:
+        """SQLite's data_version changes when another connection (e.g. a second daemon on
+        the same file, or an offline edit) commits; this daemon's own changes reload at once."""
+        return str(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     async def list_entries(self) -> list[ListEntry]:
         rows = self.db.execute(
             "SELECT kind, value, expires, comment, added FROM list ORDER BY kind, value"

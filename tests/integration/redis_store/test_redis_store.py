@@ -51,6 +51,8 @@ ACL_COMMANDS = tuple(
         "pexpire",
         "scan",
         "del",
+        "incrby",
+        "get",
     ]
 )
 T = Timing(delay=300, retry_window=2 * 86400, max_age=35 * 86400, auto_whitelist_after=2)
@@ -78,10 +80,12 @@ async def test_every_key_has_a_ttl_and_the_documented_layout(
             "mx:c:{192.0.2.0/24}",
             "mx:r:{rate}r|192.0.2.1",
             "mx:t:{192.0.2.0/24}|a@example.net|b@example.org",
-            "mx:wl",
+            "mx:{wl}",
+            "mx:{wl}:version",
         ]
         ttls = {k: client.pttl(k) for k in keys}
-    assert ttls.pop("mx:wl") == -1  # the whitelist: entries carry their own expiry
+    assert ttls.pop("mx:{wl}") == -1  # the whitelist: entries carry their own expiry
+    assert ttls.pop("mx:{wl}:version") == -1
     max_age_ms = T.max_age * 1000
     assert max_age_ms - 1000 < ttls["mx:t:{192.0.2.0/24}|a@example.net|b@example.org"] <= max_age_ms
     assert max_age_ms - 1000 < ttls["mx:c:{192.0.2.0/24}"] <= max_age_ms
