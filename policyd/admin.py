@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: One request line at most (an import sends entries in batches well under this).
 MAX_LINE: Final = 1 << 20
-#: Admin connections served at once; more wait in the kernel backlog (bounds memory).
+#: Admin connections served at once; more are accepted and wait for a slot (the admin socket
+#: is reachable only by root and the policyd group).
 MAX_ADMIN_CONNECTIONS: Final = 4
 #: How often the shared whitelist's version is read (one tiny store read each time).
 LIST_POLL_INTERVAL: Final = 0.25

@@ -261,7 +261,9 @@ class Dispatcher:
                 txn.rate_refused = result.verdict
             return result.verdict
         for name in result.charged:
-            (conn if limiter.per_connection(name) else txn).rate_charged.add(name)
+            # Frozensets: the empty default is shared, no allocation per transaction.
+            holder = conn if limiter.per_connection(name) else txn
+            holder.rate_charged = holder.rate_charged | {name}
         return None
 
     async def _data(self, query: Query, now: float) -> Verdict:

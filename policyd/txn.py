@@ -8,7 +8,7 @@ entry limit and an age limit: the oldest transactions are forgotten first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from .model import Action, Verdict
@@ -16,8 +16,11 @@ from .model import Action, Verdict
 if TYPE_CHECKING:
     from .checks.spf import SpfOutcome
 
-#: Transactions remembered at once; an entry is ~200 bytes, so this is ~4 MiB at most.
-MAX_TRANSACTIONS: Final = 20_000
+#: Transactions (and, in a second map, connections) remembered at once. An entry is ~430
+#: bytes measured, so each map holds ~2 MiB at most. Exim's smtp_accept_max defaults to 20
+#: concurrent connections: 5,000 open transactions is far beyond any small host's load, and
+#: forgetting the oldest one only means a per-message limit may count it again.
+MAX_TRANSACTIONS: Final = 5_000
 #: An SMTP transaction outliving this is forgotten (RFC 5321 §4.5.3.2 timeouts sum to ~1 h).
 MAX_TRANSACTION_AGE: Final = 3600.0
 
@@ -33,7 +36,7 @@ class Transaction:
     delayed: float = 0.0
     #: Rate rules that count messages/connections and were already charged here, so a
     #: message asked about at every RCPT and again at DATA is counted once.
-    rate_charged: set[str] = field(default_factory=set)
+    rate_charged: frozenset[str] = frozenset()
     #: A per-message/connection refusal, repeated for the rest of the transaction.
     rate_refused: Verdict | None = None
     #: The SPF outcome, evaluated at the first RCPT; its headers are given at DATA.
