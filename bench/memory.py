@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="0,100000,1000000", help="triplet counts")
     parser.add_argument("--huge", action="store_true", help="also 10M triplets (minutes)")
     parser.add_argument("--idle", default="0,100,1000", help="idle connection counts")
-    parser.add_argument("--max-connections", type=int, default=1024, help="[server] value (the daemon default)")
+    parser.add_argument(
+        "--max-connections", type=int, default=1024, help="[server] value (the daemon default)"
+    )
     parser.add_argument("--deadline", default="1s", help="[server] deadline")
     parser.add_argument("--touch", type=int, default=50_000, help="distinct touch questions")
     parser.add_argument("--touch-seconds", type=float, default=8.0)
