@@ -22,8 +22,13 @@ test:
 run:
 	$(PYTHON) -m policyd
 
+# bench: per question (floor, policyd, greylistd, postgrey) then per message through Exim;
+# < 3 minutes. Both write bench/results/*.json and *.md (see bench/README.md).
 bench:
 	$(PYTHON) bench/run.py --quick
+	$(PYTHON) bench/exim_msg.py --quick
 
 bench-full:
 	$(PYTHON) bench/run.py
+	$(PYTHON) bench/exim_msg.py
+	$(PYTHON) bench/memory.py

@@ -72,6 +72,12 @@ def classify(answer: bytes) -> str:
     verb = answer.split(b" ", 1)[0].split(b"\n", 1)[0]
     if verb in (b"ok", b"defer", b"reject", b"error"):
         return verb.decode()
+    # Peers (bench/peers.py): greylistd's "--grey" answers true (greylisted) or false;
+    # postgrey answers Postfix's "action=VERB ..." lines.
+    if verb in (b"true", b"false"):
+        return verb.decode()
+    if verb.startswith(b"action="):
+        return verb.split(b"\n", 1)[0].decode("ascii", "replace")[:40]
     return "other"
 
 
@@ -225,6 +231,63 @@ def _blocking_loop(
     out.issued += n
 
 
+def _framed_loop(
+    path: str,
+    requests: Requests,
+    first: int,
+    stride: int,
+    t_measure: float,
+    t_stop: float,
+    out: _Partial,
+    terminator: bytes,
+    persistent: bool,
+) -> None:
+    """Blocking asker for protocols whose answer ends with ``terminator`` (Postfix policy
+    delegation: a blank line). Connection per question (connect, write, read to the
+    terminator, close) or ``persistent`` (one connection reused, as Postfix does)."""
+    lat = out.latencies
+    answers = out.answers
+    n_req = len(requests)
+    clock = time.perf_counter
+    n = 0
+    sock: socket.socket | None = None
+    while True:
+        t0 = clock()
+        if t0 >= t_stop:
+            break
+        request = requests[(first + n * stride) % n_req]
+        n += 1
+        buf = b""
+        try:
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+            sock.sendall(request)
+            while not buf.endswith(terminator):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionResetError("closed before the end of the answer")
+                buf += chunk
+        except OSError as exc:
+            kind = type(exc).__name__
+            out.error_kinds[kind] = out.error_kinds.get(kind, 0) + 1
+            if sock is not None:
+                sock.close()
+                sock = None
+            continue
+        if not persistent:
+            sock.close()
+            sock = None
+        if t0 >= t_measure:
+            lat.append(int((clock() - t0) * 1e9))
+            kind = classify(buf)
+            answers[kind] = answers.get(kind, 0) + 1
+    if sock is not None:
+        sock.close()
+    out.max_n = max(out.max_n, n)
+    out.issued += n
+
+
 def _measure_window(t_start: float, warmup: float, duration: float) -> tuple[float, float]:
     """Sleep until the shared start time; return (t_measure, t_stop) on the perf_counter clock."""
     delay = t_start - time.monotonic()
@@ -262,9 +325,26 @@ def _askers(
     t_start: float,
     warmup: float,
     duration: float,
+    terminator: bytes | None = None,
+    persistent: bool = False,
 ) -> _Partial:
     """Run some askers in this process with the chosen engine."""
     window = _measure_window(t_start, warmup, duration)
+    if terminator is not None:
+        out = _Partial(array("q"), {}, {}, 0)
+        for a in asker_ids:
+            _framed_loop(
+                path,
+                requests,
+                start_index + a,
+                stride,
+                window[0],
+                window[1],
+                out,
+                terminator,
+                persistent,
+            )
+        return out
     if engine == "blocking":
         out = _Partial(array("q"), {}, {}, 0)
         for a in asker_ids:  # one asker per process with this engine
@@ -341,15 +421,25 @@ def run_load(
     procs: int = 1,
     start_index: int = 0,
     target: str = "",
+    terminator: bytes | None = None,
+    persistent: bool = False,
 ) -> LoadResult:
     """Run ``concurrency`` askers for ``warmup + duration`` seconds; measure the last part.
 
     Asker ``g`` sends ``requests[start_index + g + n*concurrency]`` (wrapping), so successive
     runs given the previous ``next_index`` see requests the server has not seen yet. With the
     ``blocking`` engine every asker is a process; with ``async`` they share ``procs`` processes.
+
+    With ``terminator`` (peers speaking the Postfix policy protocol) the askers are blocking
+    processes that read each answer up to ``terminator`` instead of EOF, on a new connection
+    per question, or on one kept open when ``persistent``.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if terminator is not None:
+        engine = "blocking"
+    elif persistent:
+        raise ValueError("persistent connections need a terminator to frame the answers")
     procs = concurrency if engine == "blocking" else max(1, min(procs, concurrency))
     per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     # Forked children share the workload copy-on-write; give them time to start.
@@ -361,7 +451,10 @@ def run_load(
     for count in per:
         parent_end, child_end = ctx.Pipe(duplex=False)
         args = (engine, path, requests, range(lo, lo + count), concurrency, start_index)
-        proc = ctx.Process(target=_child, args=(child_end, *args, t_start, warmup, duration))
+        proc = ctx.Process(
+            target=_child,
+            args=(child_end, *args, t_start, warmup, duration, terminator, persistent),
+        )
         proc.start()
         child_end.close()
         children.append((proc, parent_end))

@@ -1,12 +1,15 @@
-"""Benchmark driver: policyd against the floor, in interleaved rounds, medians over rounds.
+"""Benchmark driver: policyd against the floor and the peers, interleaved rounds, medians.
 
-Starts the floor (bench/floor.py) and the daemon (``python3 -m policyd``, SQLite store in a
-temporary directory), then for each concurrency runs rounds floor, policyd, floor, policyd, …
+Starts the floor (bench/floor.py), the daemon (``python3 -m policyd``, SQLite store in a
+temporary directory) and, with ``--peers`` (the default when they are installed, or
+installable because we are root), greylistd and postgrey (bench/peers.py), then for each
+concurrency runs rounds floor, policyd, greylistd, postgrey, postgrey-persistent, floor, …
 with the Exim-like client of bench/loadgen.py, and reports per concurrency the medians of
-q/s and latency percentiles, policyd's ratio to the floor, CPU per question of each server
-(``/proc/PID/stat`` deltas over the run, warm-up included) and policyd's RSS.
+q/s and latency percentiles, every target's ratio to the floor, policyd's ratio to each peer,
+CPU per question of each server (``/proc/PID/stat`` deltas over the run, warm-up included)
+and each server's RSS.
 
-    python3 bench/run.py [--quick] [--out bench/results/NAME.json] [--profile]
+    python3 bench/run.py [--quick] [--out bench/results/NAME.json] [--profile] [--no-peers]
 
 Writes NAME.json and NAME.md (the summary also printed to stdout). ``--quick`` takes well
 under 3 minutes; ``--stand-in floor`` measures a second floor in place of policyd (to test
@@ -30,13 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import peers
 import servers
 from loadgen import ENGINES, LoadResult, Requests, format_result, run_load
 from workload import generate
 
 MODES = {
     # concurrencies, rounds, measured seconds per run, warm-up seconds, workload size
-    "quick": {"concurrency": [1, 16], "rounds": 5, "duration": 1.5, "warmup": 0.2, "size": 150_000},
+    "quick": {"concurrency": [1, 16], "rounds": 5, "duration": 1.0, "warmup": 0.2, "size": 100_000},
     "full": {
         "concurrency": [1, 4, 16, 64],
         "rounds": 7,
@@ -58,6 +62,9 @@ def measure(
     warmup: float,
     engine: str,
     start_index: int,
+    target: str = "",
+    terminator: bytes | None = None,
+    persistent: bool = False,
 ) -> tuple[dict[str, object], LoadResult]:
     """One run against one server: the client's figures plus the server's CPU and memory."""
     cpu0 = server.cpu_seconds()
@@ -69,7 +76,9 @@ def measure(
         warmup=warmup,
         engine=engine,
         start_index=start_index,
-        target=server.name,
+        target=target or server.name,
+        terminator=terminator,
+        persistent=persistent,
     )
     cpu = server.cpu_seconds() - cpu0
     row = res.to_dict()
@@ -162,6 +171,15 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _row_md(name: str, m: dict, to_floor: dict | None) -> str:
+    ratio = "—" if to_floor is None else _fmt(to_floor["qps"], ".2f")
+    return (
+        f"| {name} | {_fmt(m['qps'], ',.0f')} | {ratio} "
+        f"| {_fmt(m['p50_us'])} / {_fmt(m['p99_us'])} / {_fmt(m['p999_us'])} "
+        f"| {_fmt(m['cpu_us_per_q'], '.1f')} |"
+    )
+
+
 def summary_markdown(report: dict) -> str:
     meta = report["meta"]
     b = meta["target_b"]
@@ -169,34 +187,144 @@ def summary_markdown(report: dict) -> str:
         f"# bench/run.py — {meta['mode']} mode, {meta['date']}",
         "",
         f"git {meta['git']}, Python {meta['python']}, {meta['cpus']} CPUs, client engine "
-        f"`{meta['engine']}`, {meta['rounds']} interleaved rounds × {meta['duration_s']} s, "
-        "medians over rounds. CPU/q = server CPU per question (µs).",
+        f"`{meta['engine']}`, {meta['rounds']} interleaved rounds × {meta['duration_s']} s "
+        f"(order: {', '.join(meta['targets'])}), medians over rounds. "
+        "CPU/q = server CPU per question (µs). Connection per question unless labelled "
+        "persistent.",
         "",
-        f"| askers | floor q/s | {b} q/s | ratio | floor p50 / p99 µs | {b} p50 / p99 / p99.9 µs "
-        f"| CPU/q floor | CPU/q {b} |",
-        "|---|---|---|---|---|---|---|---|",
     ]
     for c, entry in report["results"].items():
-        fl, pd, ratio = entry["floor"]["median"], entry[b]["median"], entry["ratio"]
-        lines.append(
-            f"| {c} | {_fmt(fl['qps'], ',.0f')} | {_fmt(pd['qps'], ',.0f')} "
-            f"| {_fmt(ratio['qps'], '.2f')} "
-            f"| {_fmt(fl['p50_us'])} / {_fmt(fl['p99_us'])} "
-            f"| {_fmt(pd['p50_us'])} / {_fmt(pd['p99_us'])} / {_fmt(pd['p999_us'])} "
-            f"| {fl['cpu_us_per_q']} | {pd['cpu_us_per_q']} |"
-        )
+        lines += [
+            f"## {c} asker{'s' if c != '1' else ''}",
+            "",
+            "| target | q/s | ÷ floor | p50 / p99 / p99.9 µs | CPU/q µs |",
+            "|---|---|---|---|---|",
+        ]
+        for name in meta["targets"]:
+            if name not in entry:
+                continue
+            to_floor = None if name == "floor" else entry["to_floor"].get(name)
+            lines.append(_row_md(name, entry[name]["median"], to_floor))
+        if entry.get("vs_peers"):
+            lines += [
+                "",
+                f"{b} ÷ peer: q/s (ratio of medians; median of paired rounds), "
+                "p50, p99, CPU/q (lower is better for the last three)",
+                "",
+                "| peer | q/s | q/s paired | p50 | p99 | CPU/q |",
+                "|---|---|---|---|---|---|",
+            ]
+            for peer, r in entry["vs_peers"].items():
+                lines.append(
+                    f"| {peer} | {_fmt(r['qps'], '.2f')} | {_fmt(r['qps_paired_median'], '.2f')} "
+                    f"| {_fmt(r['p50'], '.2f')} | {_fmt(r['p99'], '.2f')} "
+                    f"| {_fmt(r['cpu_per_q'], '.2f')} |"
+                )
+        lines.append("")
     mem = report["memory_kib"]
     lines += [
-        "",
         f"{b} RSS at the end: {mem.get('VmRSS', 0) / 1024:.1f} MiB "
         f"(peak {mem.get('VmHWM', 0) / 1024:.1f} MiB, {mem.get('Threads', '?')} threads).",
         f"{b} answers: {report['answers']}; errors: {report['errors'] or 'none'}.",
     ]
+    pinfo = report.get("peers") or {}
+    if pinfo:
+        lines += ["", "Peers:", ""]
+        for name, info in pinfo.items():
+            if info.get("status") == "measured":
+                rss = info.get("memory_kib", {}).get("VmRSS", 0) / 1024
+                lines.append(
+                    f"- {name} {info.get('version')}: measured; RSS {rss:.1f} MiB; "
+                    f"answers {info.get('answers')}; errors {info.get('errors') or 'none'}"
+                )
+            else:
+                lines.append(f"- {name}: **{info.get('note')}**")
     prof = report.get("profile")
     if prof and "self_pct" in prof:
         lines += ["", f"py-spy, {prof['samples']} samples at c=16, most self time:", ""]
         lines += [f"- {pct}% {name}" for name, pct in prof["self_pct"][:12]]
     return "\n".join(lines) + "\n"
+
+
+def compare(a: dict[str, float | None], b: dict[str, float | None], paired: list[float]) -> dict:
+    """Ratios of ``a``'s medians to ``b``'s (q/s: a÷b, higher is better for a)."""
+    return {
+        "qps": _ratio(a["qps"], b["qps"]),
+        "qps_paired_median": round(statistics.median(paired), 3) if paired else None,
+        "p50": _ratio(a["p50_us"], b["p50_us"]),
+        "p99": _ratio(a["p99_us"], b["p99_us"]),
+        "cpu_per_q": _ratio(a["cpu_us_per_q"], b["cpu_us_per_q"]),
+    }
+
+
+def _paired(rows_a: list[dict], rows_b: list[dict]) -> list[float]:
+    return [
+        float(x["qps"]) / float(y["qps"])
+        for x, y in zip(rows_a, rows_b, strict=True)
+        if x["qps"] and y["qps"]
+    ]
+
+
+class Target:
+    """One thing measured: a server, the questions in its protocol, how they are framed."""
+
+    def __init__(
+        self,
+        name: str,
+        server: servers.Server,
+        requests: Requests,
+        *,
+        terminator: bytes | None = None,
+        persistent: bool = False,
+    ) -> None:
+        self.name = name
+        self.server = server
+        self.requests = requests
+        self.terminator = terminator
+        self.persistent = persistent
+        self.index = 0
+
+
+def start_peers(
+    workdir: Path, requests: Requests, wanted: list[str], report_peers: dict
+) -> tuple[list[Target], list[servers.Server]]:
+    notes = peers.ensure_installed(wanted)
+    targets: list[Target] = []
+    started: list[servers.Server] = []
+    for name in wanted:
+        if name in notes:
+            report_peers[name] = {"status": "skipped", "note": notes[name]}
+            print(f"peers: {name}: {notes[name]}", file=sys.stderr)
+            continue
+        try:
+            if name == "greylistd":
+                srv = peers.start_greylistd(workdir)
+            else:
+                srv = peers.start_postgrey(workdir)
+        except (RuntimeError, OSError) as exc:
+            note = f"failed to start: {str(exc)[-300:]}: skipped"
+            report_peers[name] = {"status": "skipped", "note": note}
+            print(f"peers: {name}: {note}", file=sys.stderr)
+            continue
+        started.append(srv)
+        t0 = time.monotonic()
+        reqs = peers.translate(requests, name)  # type: ignore[arg-type]
+        print(f"peers: {name} questions in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        report_peers[name] = {"status": "measured", "version": srv.extra.get("version")}
+        if name == "greylistd":
+            targets.append(Target(name, srv, reqs))
+        else:
+            term = peers.POSTFIX_TERMINATOR
+            targets.append(Target(name, srv, reqs, terminator=term))
+            targets.append(
+                Target(f"{name}-persistent", srv, reqs, terminator=term, persistent=True)
+            )
+            report_peers[f"{name}-persistent"] = {
+                "status": "measured",
+                "version": srv.extra.get("version"),
+                "note": "same postgrey process, one connection per asker kept open (Postfix)",
+            }
+    return targets, started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +341,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=["policyd", "floor"],
         default="policyd",
         help="what runs as target B (floor: test the harness)",
+    )
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure greylistd and postgrey (installed with apt-get when root and "
+        "absent; a missing peer is skipped with a note). Default: on",
+    )
+    parser.add_argument(
+        "--peer-list", default=",".join(peers.PEERS), help="which peers (default: all)"
     )
     parser.add_argument("--log-level", help="override policyd's [server] log_level")
     parser.add_argument("--profile", action="store_true", help="py-spy the daemon at c=16")
@@ -241,59 +379,79 @@ def main(argv: list[str] | None = None) -> int:
     del wl
 
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
-    floor = b = None
+    started: list[servers.Server] = []
+    b: servers.Server | None = None
     report: dict = {}
+    report_peers: dict = {}
     try:
         floor = servers.start_floor(workdir)
+        started.append(floor)
         if args.stand_in == "floor":
             b = servers.start_floor(workdir, name="floor2")
         else:
             conf = servers.policyd_config(workdir, log_level=args.log_level)
             b = servers.start_policyd(workdir, conf)
+        started.append(b)
         name_b = "policyd" if args.stand_in == "policyd" else "floor2"
+        targets = [Target("floor", floor, requests), Target(name_b, b, requests)]
+        if args.peers:
+            wanted = [p.strip() for p in args.peer_list.split(",") if p.strip()]
+            peer_targets, peer_servers = start_peers(workdir, requests, wanted, report_peers)
+            targets += peer_targets
+            started += peer_servers
+        else:
+            report_peers = {
+                p: {"status": "skipped", "note": "--no-peers: not measured"} for p in peers.PEERS
+            }
         results: dict[str, dict] = {}
-        index = {"floor": 0, name_b: 0}
-        all_b_rows: list[dict[str, object]] = []
+        all_rows: dict[str, list[dict[str, object]]] = {t.name: [] for t in targets}
         for c in cfg["concurrency"]:
-            rows: dict[str, list[dict[str, object]]] = {"floor": [], name_b: []}
+            rows: dict[str, list[dict[str, object]]] = {t.name: [] for t in targets}
             for r in range(cfg["rounds"]):
-                for key, server in (("floor", floor), (name_b, b)):
+                for t in targets:
                     row, res = measure(
-                        server,
-                        requests,
+                        t.server,
+                        t.requests,
                         concurrency=c,
                         duration=cfg["duration"],
                         warmup=cfg["warmup"],
                         engine=args.engine,
-                        start_index=index[key],
+                        start_index=t.index,
+                        target=t.name,
+                        terminator=t.terminator,
+                        persistent=t.persistent,
                     )
-                    index[key] = res.next_index
+                    t.index = res.next_index
                     row["round"] = r
-                    rows[key].append(row)
+                    rows[t.name].append(row)
                     print(
                         f"  round {r}: {format_result(res)} cpu/q={row['cpu_us_per_q']}µs",
                         file=sys.stderr,
                     )
-                    if not server.alive():
-                        raise RuntimeError(f"{key} died:\n{server.log_tail()}")
-            mf, mb = medians(rows["floor"]), medians(rows[name_b])
-            paired = [
-                float(y["qps"]) / float(x["qps"])  # type: ignore[arg-type]
-                for x, y in zip(rows["floor"], rows[name_b], strict=True)
-                if x["qps"]
-            ]
-            results[str(c)] = {
-                "floor": {"median": mf, "rounds": rows["floor"]},
-                name_b: {"median": mb, "rounds": rows[name_b]},
-                "ratio": {
-                    "qps": _ratio(mb["qps"], mf["qps"]),
-                    "qps_paired_median": round(statistics.median(paired), 3) if paired else None,
-                    "p50": _ratio(mb["p50_us"], mf["p50_us"]),
-                    "p99": _ratio(mb["p99_us"], mf["p99_us"]),
-                    "cpu_per_q": _ratio(mb["cpu_us_per_q"], mf["cpu_us_per_q"]),
-                },
+                    if not t.server.alive():
+                        raise RuntimeError(f"{t.name} died:\n{t.server.log_tail()}")
+            med = {name: medians(rs) for name, rs in rows.items()}
+            entry: dict = {name: {"median": med[name], "rounds": rs} for name, rs in rows.items()}
+            entry["to_floor"] = {
+                name: compare(med[name], med["floor"], _paired(rows[name], rows["floor"]))
+                for name in rows
+                if name != "floor"
             }
-            all_b_rows += rows[name_b]
+            entry["ratio"] = entry["to_floor"][name_b]  # policyd ÷ floor (older readers)
+            entry["vs_peers"] = {
+                name: compare(med[name_b], med[name], _paired(rows[name_b], rows[name]))
+                for name in rows
+                if name not in ("floor", name_b)
+            }
+            results[str(c)] = entry
+            for name, rs in rows.items():
+                all_rows[name] += rs
+        for t in targets:
+            if t.name in report_peers and t.name in all_rows:
+                info = report_peers[t.name]
+                info["memory_kib"] = t.server.memory_kib()
+                info["answers"] = totals(all_rows[t.name], "answers")
+                info["errors"] = totals(all_rows[t.name], "error_kinds")
         report = {
             "meta": {
                 "mode": mode,
@@ -308,22 +466,23 @@ def main(argv: list[str] | None = None) -> int:
                 "workload_size": len(requests),
                 "seed": args.seed,
                 "target_b": name_b,
+                "targets": [t.name for t in targets],
                 "log_level": args.log_level or "default",
                 "elapsed_s": None,
             },
             "results": results,
             "memory_kib": b.memory_kib(),
-            "answers": totals(all_b_rows, "answers"),
-            "errors": totals(all_b_rows, "error_kinds"),
+            "answers": totals(all_rows[name_b], "answers"),
+            "errors": totals(all_rows[name_b], "error_kinds"),
+            "peers": report_peers,
         }
         if args.profile:
             report["profile"] = profile(b, requests, out, cfg["duration"] * 3)
     finally:
-        for server in (floor, b):
-            if server is not None:
-                code = servers.stop(server)
-                if report and server is b:
-                    report["meta"]["exit_code_b"] = code
+        for server in started:
+            code = servers.stop(server)
+            if report and server is b:
+                report["meta"]["exit_code_b"] = code
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
