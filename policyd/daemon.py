@@ -110,7 +110,10 @@ class Daemon:
             admin = Admin(self.dispatcher, store)
             await admin.reload_whitelist()
             server = PolicyServer(
-                self.config.server, self.dispatcher.answer, self.dispatcher.fallback
+                self.config.server,
+                self.dispatcher.answer,
+                self.dispatcher.fallback,
+                eager=self.dispatcher.answers_synchronously,
             )
             self.server = server
             await server.start(systemd.listen_sockets())

@@ -18,10 +18,10 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from .config import ServerConfig
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 #: Connections beyond max_connections × this are closed on accept instead of answered.
 HARD_CONNECTION_FACTOR = 2
 
-Answerer = Callable[[bytes], Awaitable[bytes]]
+Answerer = Callable[[bytes], Coroutine[Any, Any, bytes]]
 Fallback = Callable[[str], bytes]
 
 
@@ -108,11 +108,25 @@ class QuestionProtocol(asyncio.Protocol):
         if len(server.open_connections) > server.limits.max_connections:
             self._write_close(server.fallback("too-many-connections"))
             return
-        self._task = server.loop.create_task(self._answer(request))
+        answering = server.answerer(request)
+        if server.eager():
+            # The embedded store answers without suspending: run the coroutine right here,
+            # in this callback, and write the answer without a Task or another loop turn.
+            try:
+                suspended_on = answering.send(None)
+            except StopIteration as done:
+                self._write_close(done.value)
+                return
+            self._task = server.loop.create_task(self._resume(answering, suspended_on))
+            return
+        self._task = server.loop.create_task(self._answer(answering))
 
-    async def _answer(self, request: bytes) -> None:
-        answer = await self._server.answerer(request)
-        self._write_close(answer)
+    async def _answer(self, answering: Coroutine[Any, Any, bytes]) -> None:
+        self._write_close(await answering)
+
+    async def _resume(self, answering: Coroutine[Any, Any, bytes], suspended_on: Any) -> None:
+        """Finish a coroutine that suspended after all (a task takes over from here)."""
+        self._write_close(await _drive(answering, suspended_on))
 
     def _on_deadline(self) -> None:
         logger.warning("deadline of %.3fs passed; answering fallback", self._server.limits.deadline)
@@ -139,8 +153,16 @@ class QuestionProtocol(asyncio.Protocol):
 class PolicyServer:
     """The listening sockets and the set of open connections, with start and drain."""
 
-    def __init__(self, config: ServerConfig, answerer: Answerer, fallback: Fallback) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        answerer: Answerer,
+        fallback: Fallback,
+        eager: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.config = config
+        #: True while every check answers without suspending (embedded store, no SPF).
+        self.eager = eager
         self.limits = Limits.from_config(config)
         self.answerer = answerer
         self.fallback = fallback
@@ -228,6 +250,26 @@ class PolicyServer:
         for srv in self._servers:
             await srv.wait_closed()
         self._servers.clear()
+
+
+async def _drive(coro: Coroutine[Any, Any, bytes], suspended_on: Any) -> bytes:
+    """Run a coroutine started outside any task to its end, as a Task would: wait for the
+    future it yielded, then resume it (``Future.__await__`` then returns the result or raises
+    the exception inside the coroutine). Cancellation closes it."""
+    while True:
+        try:
+            if suspended_on is None:  # a bare yield: just give the loop a turn
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait({suspended_on})
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration as done:
+            result: bytes = done.value
+            return result
 
 
 def _refuse_if_live(path: Path) -> None:

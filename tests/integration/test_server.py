@@ -299,3 +299,38 @@ async def test_connect_and_close_probe_gets_no_answer_and_no_warning(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
     await srv.wait_idle()
+
+
+@pytest.mark.parametrize("failing", [False, True])
+async def test_eager_answering_survives_a_check_that_suspends(
+    tmp_path: Path, failing: bool
+) -> None:
+    """In eager mode the question runs inside the read callback; a check that suspends after
+    all (a DNS wait, say) is handed to a task that finishes it, and a failure inside it still
+    reaches the coroutine, which answers."""
+    from policyd.config import from_mapping
+    from policyd.server import PolicyServer
+
+    async def answerer(request: bytes) -> bytes:
+        await asyncio.sleep(0)  # a bare yield
+        waiter = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, waiter.set_result, b"late")
+        if failing:
+            broken = asyncio.get_running_loop().create_future()
+            broken.set_exception(RuntimeError("store trouble"))
+            try:
+                await broken
+            except RuntimeError:
+                return b"ok fallback internal-error"
+        return b"ok " + await waiter
+
+    config = from_mapping({"server": {"socket": str(tmp_path / "eager.sock")}}).server
+    server = PolicyServer(
+        config, answerer, lambda cause: b"ok fallback " + cause.encode(), eager=lambda: True
+    )
+    await server.start()
+    try:
+        expected = b"ok fallback internal-error" if failing else b"ok late"
+        assert await ask(str(tmp_path / "eager.sock"), b"rcpt ip=192.0.2.1\n") == expected
+    finally:
+        await server.stop(drain_timeout=1.0)
