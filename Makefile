@@ -31,4 +31,5 @@ bench:
 bench-full:
 	$(PYTHON) bench/run.py
 	$(PYTHON) bench/exim_msg.py
+	$(PYTHON) bench/variants.py --spf
 	$(PYTHON) bench/memory.py
