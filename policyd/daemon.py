@@ -113,7 +113,6 @@ class Daemon:
                 self.config.server,
                 self.dispatcher.answer,
                 self.dispatcher.fallback,
-                eager=self.dispatcher.answers_synchronously,
             )
             self.server = server
             await server.start(systemd.listen_sockets())

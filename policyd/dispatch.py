@@ -126,11 +126,6 @@ class Dispatcher:
         for name, tally in self.ratelimit.counters.items():
             self.metrics.ratelimit_fill.labels(name).set_function(tally.take_peak_fill)
 
-    def answers_synchronously(self) -> bool:
-        """No check can suspend: the embedded store and no SPF (DNS). The server then runs
-        each question in its read callback instead of a Task."""
-        return self.spf is None and bool(getattr(self.raw_store, "synchronous", False))
-
     async def aclose(self) -> None:
         """Release what the checks hold (the DNS resolver)."""
         if self.resolver is not None:

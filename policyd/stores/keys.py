@@ -94,7 +94,6 @@ class HashedStore:
     def __init__(self, inner: Store, hasher: KeyHasher) -> None:
         self.inner = inner
         self.hasher = hasher
-        self.synchronous = bool(getattr(inner, "synchronous", False))
 
     async def start(self) -> None:
         await self.inner.start()

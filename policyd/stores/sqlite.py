@@ -104,9 +104,6 @@ def connect(path: Path, cache_kib: int) -> sqlite3.Connection:
 class SQLiteStore(SQLiteAdmin):
     """Greylist and rate state in SQLite; one connection used from the event loop only."""
 
-    #: Question operations never suspend (no await inside): see server.PolicyServer.eager.
-    synchronous = True
-
     def __init__(
         self,
         path: Path,

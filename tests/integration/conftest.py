@@ -208,12 +208,7 @@ async def running_server(root: Path, **sections: dict[str, Any]) -> AsyncIterato
     store = await open_store(config.store)
     try:
         dispatcher = Dispatcher(config, store)
-        server = PolicyServer(
-            config.server,
-            dispatcher.answer,
-            dispatcher.fallback,
-            eager=dispatcher.answers_synchronously,  # as the daemon runs it
-        )
+        server = PolicyServer(config.server, dispatcher.answer, dispatcher.fallback)
         await server.start()
         try:
             yield RunningServer(config, store, dispatcher, server)
