@@ -35,11 +35,13 @@ def normalise_sender(sender: str) -> str:
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
-    if m := _SRS1.match(local) or _SRS0.match(local):
-        local, domain = m.group("local"), m.group("domain")
-    if m := _BATV.match(local):
-        local = m.group("local") or m.group("local2")
-    local = local.split("+", 1)[0] or local
+    if "=" in local:  # SRS and BATV wrappers all contain "="
+        if m := _SRS1.match(local) or _SRS0.match(local):
+            local, domain = m.group("local"), m.group("domain")
+        if m := _BATV.match(local):
+            local = m.group("local") or m.group("local2")
+    if "+" in local:
+        local = local.split("+", 1)[0] or local
     local = _HEX_RUN.sub("#", local)
     local = _DIGITS.sub("#", local)
     return f"{local}@{domain}" if domain else local
@@ -87,17 +89,34 @@ class NetworkSet:
         return bool(self._ranges)
 
 
-def recipient_matches(recipient: str, patterns: tuple[str, ...]) -> bool:
-    """``user@dom`` exact, ``user@`` any domain, ``dom`` / ``@dom`` the whole domain."""
-    local, _, domain = recipient.rpartition("@")
-    for pattern in patterns:
-        p = pattern.strip().lower()
-        if p.endswith("@"):
-            if local == p[:-1]:
-                return True
-        elif "@" in p and not p.startswith("@"):
-            if recipient == p:
-                return True
-        elif domain == p.lstrip("@"):
-            return True
-    return False
+class AddressPatterns:
+    """``user@dom`` exact, ``user@`` any domain, ``dom`` / ``@dom`` the whole domain; matched
+    by set look-ups (the patterns are sorted by kind once, not per question)."""
+
+    __slots__ = ("_addresses", "_domains", "_locals")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._locals: set[str] = set()
+        self._addresses: set[str] = set()
+        self._domains: set[str] = set()
+        for pattern in patterns:
+            p = pattern.strip().lower()
+            if p.endswith("@"):
+                self._locals.add(p[:-1])
+            elif "@" in p and not p.startswith("@"):
+                self._addresses.add(p)
+            else:
+                self._domains.add(p.lstrip("@"))
+
+    def __bool__(self) -> bool:
+        return bool(self._locals or self._addresses or self._domains)
+
+    def match(self, address: str) -> bool:
+        """Whether a lower-cased address matches one of the patterns."""
+        local, _, domain = address.rpartition("@")
+        return local in self._locals or address in self._addresses or domain in self._domains
+
+
+def recipient_matches(recipient: str, patterns: Iterable[str]) -> bool:
+    """One-off form of ``AddressPatterns(patterns).match(recipient)``."""
+    return AddressPatterns(patterns).match(recipient)

@@ -116,6 +116,8 @@ class Whitelist:
 
     def match(self, query: Query, now: float, spf_pass_domain: str = "") -> ListEntry | None:
         """The first live entry that lets this question skip greylisting, if any."""
+        if not self.entries:
+            return None
         for nets, entry in self._clients:
             if query.client in nets and entry.live(now):
                 return entry

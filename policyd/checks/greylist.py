@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from ..addresses import (
+    AddressPatterns,
     NetworkSet,
     client_network,
     normalise_recipient,
     normalise_sender,
-    recipient_matches,
 )
 from ..config import GreylistConfig
 from ..model import Action, Query, Verdict
@@ -179,6 +179,9 @@ class Greylist:
         self.timing = Timing.from_config(config)
         self.store = store
         self.whitelist_clients = NetworkSet(config.whitelist_clients)
+        self.whitelist_recipients = AddressPatterns(config.whitelist_recipients)
+        # Answers for the statuses whose text does not depend on the time left.
+        self._verdicts: dict[tuple[Status, float], Verdict] = {}
 
     def skip_reason(self, query: Query) -> str:
         """Why this question is not greylisted at all ('' when it is)."""
@@ -191,7 +194,7 @@ class Greylist:
             return "relay-client"
         if query.client in self.whitelist_clients:
             return "whitelisted-client"
-        if recipient_matches(normalise_recipient(query.recipient), config.whitelist_recipients):
+        if self.whitelist_recipients.match(normalise_recipient(query.recipient)):
             return "whitelisted-recipient"
         return ""
 
@@ -218,6 +221,15 @@ class Greylist:
 
     def verdict(self, status: Status, retry_in: float) -> Verdict:
         """The answer for a state-machine status (learn mode never defers)."""
+        if status is not Status.EARLY:  # retry_in is 0 or a whole delay: few distinct keys
+            key = (status, retry_in)
+            cached = self._verdicts.get(key)
+            if cached is None:
+                cached = self._verdicts[key] = self._verdict(status, retry_in)
+            return cached
+        return self._verdict(status, retry_in)
+
+    def _verdict(self, status: Status, retry_in: float) -> Verdict:
         config = self.config
         if status in (Status.NEW, Status.EARLY) and not config.learn:
             text = config.message.replace("{delay}", human_duration(retry_in))

@@ -136,7 +136,7 @@ def rule_applies(rule: RateRule, query: Query, exempt_clients: NetworkSet) -> bo
     if query.auth and query.auth.lower() in rule.exempt_users:
         return False
     sender = query.sender.lower()
-    return not (rule.exempt_senders and recipient_matches(sender, rule.exempt_senders))
+    return not (rule.exempt_senders and recipient_matches(sender, rule.exempt_senders))  # rare
 
 
 def key_parts(rule: RateRule, query: Query) -> list[str] | None:
