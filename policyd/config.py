@@ -9,161 +9,59 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from .convert import (
+    DEFAULT_STATE_DIR,
+    RATE_KEY_PARTS,
+    ConfigError,
+    _choice,
+    _conv_bool,
+    _conv_int,
+    _conv_mode,
+    _conv_networks,
+    _conv_str,
+    _conv_str_list,
+    _duration,
+    _hash_secret,
+    _key_parts,
+    _lower_list,
+    _nameservers,
+    _positive,
+    _positive_duration,
+    _prefix,
+    _rate,
+    _redis_prefix,
+    _store_url,
+    _tcp,
+    opt,
+    parse_duration,
+    parse_rate,
+)
 from .model import IPNetwork
+
+__all__ = [  # the configuration API; the conversion helpers are re-exported from .convert
+    "RATE_KEY_PARTS",
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "GreylistConfig",
+    "MetricsConfig",
+    "RateRule",
+    "RatelimitConfig",
+    "ServerConfig",
+    "SpfConfig",
+    "StoreConfig",
+    "from_mapping",
+    "load",
+    "parse_duration",
+    "parse_rate",
+]
 from .protocol import DEFAULT_MAX_REQUEST_BYTES
-
-#: Relative to the working directory: the default works for a non-root user in a checkout.
-DEFAULT_STATE_DIR: Final = Path("var")
-_DURATION_RE: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*")
-_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message starts with the dotted key."""
-
-
-def parse_duration(value: object, key: str = "duration") -> float:
-    """Seconds from ``90``, ``1.5``, ``"90s"``, ``"5m"``, ``"2d"``, ``"500ms"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ConfigError(f"{key}: expected seconds or a string like '90s', '5m', '2d'")
-    if seconds < 0:
-        raise ConfigError(f"{key}: must not be negative")
-    return seconds
-
-
-def _conv_int(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if value < 0:
-        raise ConfigError(f"{key}: must not be negative")
-    return value
-
-
-def _conv_bool(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _conv_str(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _conv_mode(value: object, key: str) -> int:
-    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
-        return int(value, 8)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
-        return value
-    raise ConfigError(f"{key}: expected an octal mode string like '0660'")
-
-
-def _conv_str_list(value: object, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: expected a list of strings")
-    return tuple(value)
-
-
-def _conv_networks(value: object, key: str) -> tuple[IPNetwork, ...]:
-    out: list[IPNetwork] = []
-    for item in _conv_str_list(value, key):
-        try:
-            out.append(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            raise ConfigError(f"{key}: {item!r} is not an IP address or CIDR") from None
-    return tuple(out)
-
-
-def _choice(*allowed: str) -> Callable[[object, str], str]:
-    def conv(value: object, key: str) -> str:
-        if value not in allowed:
-            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}; got {value!r}")
-        return str(value)
-
-    return conv
-
-
-def _tcp(value: object, key: str) -> str:
-    text = _conv_str(value, key)
-    if text and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):[0-9]{1,5}", text):
-        raise ConfigError(f"{key}: expected 'host:port' (e.g. '127.0.0.1:10031'), got {text!r}")
-    return text
-
-
-def _store_url(value: object, key: str) -> str:
-    text = _conv_str(value, key)
-    if not re.match(r"(sqlite|redis|rediss|unix|redis\+sentinel|redis\+cluster)://", text):
-        raise ConfigError(f"{key}: unsupported store URL {text.split('://')[0]!r}")
-    if not text.startswith("sqlite://"):
-        from .stores.redis_url import parse_url  # standard library only; config is loaded
-
-        try:
-            parse_url(text)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    return text
-
-
-def _prefix(limit: int) -> Callable[[object, str], int]:
-    def conv(value: object, key: str) -> int:
-        number = _conv_int(value, key)
-        if number > limit:
-            raise ConfigError(f"{key}: a prefix length is at most {limit}")
-        return number
-
-    return conv
-
-
-def _positive(value: object, key: str) -> int:
-    number = _conv_int(value, key)
-    if number == 0:
-        raise ConfigError(f"{key}: must be at least 1")
-    return number
-
-
-def _duration(value: object, key: str) -> float:
-    return parse_duration(value, key)
-
-
-def _positive_duration(value: object, key: str) -> float:
-    seconds = parse_duration(value, key)
-    if seconds <= 0:
-        raise ConfigError(f"{key}: must be longer than 0")
-    return seconds
-
-
-def _hash_secret(value: object, key: str) -> str:
-    text = _conv_str(value, key)
-    if text and len(text.encode()) < 16:  # stores.keys.MIN_SECRET_BYTES
-        raise ConfigError(f'{key}: at least 16 bytes, or "" for no hashing')
-    return text
-
-
-def _redis_prefix(value: object, key: str) -> str:
-    text = _conv_str(value, key)
-    # Braces would move the hash tag; glob characters would break admin scans.
-    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
-        raise ConfigError(f"{key}: 1-64 characters from A-Z a-z 0-9 _ . : - expected")
-    return text
-
-
-def opt(default: Any, conv: Callable[[object, str], Any]) -> Any:
-    """A config field with its default and its converter."""
-    return field(default=default, metadata={"conv": conv})
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,46 +158,6 @@ class GreylistConfig:
     )
 
 
-_RATE_RE: Final = re.compile(r"\s*([0-9]+)\s*/\s*([0-9.]*\s*(?:ms|s|m|h|d|w)?)\s*")
-RATE_KEY_PARTS: Final = (
-    "client",
-    "sender",
-    "sender_domain",
-    "auth",
-    "recipient",
-    "recipient_domain",
-)
-
-
-def parse_rate(value: object, key: str = "rate") -> tuple[int, float]:
-    """``"100/1h"``, ``"100/h"``, ``"10/90s"`` → (count, period in seconds)."""
-    if isinstance(value, str) and (m := _RATE_RE.fullmatch(value)):
-        count = int(m.group(1))
-        unit = m.group(2).strip()
-        period = parse_duration(unit if unit[:1].isdigit() else f"1{unit or 's'}", key)
-        if count > 0 and period > 0:
-            return count, period
-    raise ConfigError(f"{key}: expected a rate like '100/1h', '10/m' or '5/90s', got {value!r}")
-
-
-def _rate(value: object, key: str) -> tuple[int, float]:
-    return parse_rate(value, key)
-
-
-def _key_parts(value: object, key: str) -> tuple[str, ...]:
-    parts = (value,) if isinstance(value, str) else value
-    if not isinstance(parts, list | tuple) or not parts:
-        raise ConfigError(f"{key}: expected a key part or a list of them")
-    for part in parts:
-        if part not in RATE_KEY_PARTS:
-            raise ConfigError(f"{key}: {part!r} is not one of {', '.join(RATE_KEY_PARTS)}")
-    return tuple(str(p) for p in parts)
-
-
-def _lower_list(value: object, key: str) -> tuple[str, ...]:
-    return tuple(v.strip().lower() for v in _conv_str_list(value, key))
-
-
 @dataclass(frozen=True, slots=True)
 class RateRule:
     """One ``[[ratelimit.rule]]``: what is counted, per which key, how fast, and the action."""
@@ -351,29 +209,6 @@ class RatelimitConfig:
         (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
     )
     rule: tuple[RateRule, ...] = opt((), _rules)
-
-
-_NAMESERVER_RE: Final = re.compile(
-    r"\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?|[0-9.]+(:[0-9]{1,5})?|[0-9a-fA-F:]+"
-)
-
-
-def _nameservers(value: object, key: str) -> tuple[str, ...]:
-    """DNS servers as c-ares takes them: ``127.0.0.1``, ``127.0.0.1:5353``, ``[::1]:5353``."""
-    out = tuple(v.strip() for v in _conv_str_list(value, key))
-    for entry in out:
-        address = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
-        address = address.split("]")[0].lstrip("[")
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ConfigError(
-                f"{key}: {entry!r} is not an IP address with an optional port "
-                "(e.g. '127.0.0.1:5353', '[::1]:53')"
-            ) from None
-        if not _NAMESERVER_RE.fullmatch(entry):
-            raise ConfigError(f"{key}: {entry!r} is not 'address' or 'address:port'")
-    return out
 
 
 @dataclass(frozen=True, slots=True)
