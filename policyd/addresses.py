@@ -115,8 +115,3 @@ class AddressPatterns:
         """Whether a lower-cased address matches one of the patterns."""
         local, _, domain = address.rpartition("@")
         return local in self._locals or address in self._addresses or domain in self._domains
-
-
-def recipient_matches(recipient: str, patterns: Iterable[str]) -> bool:
-    """One-off form of ``AddressPatterns(patterns).match(recipient)``."""
-    return AddressPatterns(patterns).match(recipient)

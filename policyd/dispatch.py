@@ -8,6 +8,7 @@ log line; never an exception into the server, never a 5xx for a temporary reason
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
 import socket
@@ -57,14 +58,7 @@ def spf_pass_domain(outcome: SpfOutcome | None) -> str:
 def fallback_verdict(config: Config, cause: str) -> Verdict:
     """The configured answer when the daemon cannot decide (``[server] fallback``)."""
     if config.server.fallback == "defer":
-        return Verdict(
-            FALLBACK_DEFER.action,
-            FALLBACK_DEFER.code,
-            FALLBACK_DEFER.ecode,
-            FALLBACK_DEFER.text,
-            check="fallback",
-            reason=cause,
-        )
+        return dataclasses.replace(FALLBACK_DEFER, reason=cause)
     return Verdict(Action.ACCEPT, check="fallback", reason=f"fallback {cause}")
 
 
@@ -134,8 +128,7 @@ class Dispatcher:
 
     def fallback(self, cause: str) -> bytes:
         """The fallback answer for a question the server could not hand over (busy, deadline)."""
-        self.metrics.fallbacks.labels(cause).inc()
-        return format_answer(fallback_verdict(self.config, cause))
+        return format_answer(self._fallback_verdict(cause))
 
     async def answer(self, request: bytes) -> bytes:
         """Answer bytes for request bytes. Never raises except on cancellation."""

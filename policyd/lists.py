@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from .addresses import NetworkSet, domain_of, recipient_matches
+from .addresses import AddressPatterns, NetworkSet, domain_of
 from .model import Query
 
 #: What a whitelist entry can name (design.md §3 static and runtime whitelists).
@@ -109,7 +109,9 @@ class Whitelist:
         ]
         self._senders = {e.value: e for e in entries if e.kind == "sender"}
         self._domains = {e.value: e for e in entries if e.kind == "sender_domain"}
-        self._recipients = [e for e in entries if e.kind == "recipient"]
+        self._recipients = [
+            (AddressPatterns([e.value]), e) for e in entries if e.kind == "recipient"
+        ]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -138,7 +140,7 @@ class Whitelist:
             if found is not None and found.live(now):
                 return found
         recipient = query.recipient.lower()
-        for entry in self._recipients:
-            if recipient_matches(recipient, (entry.value,)) and entry.live(now):
+        for patterns, entry in self._recipients:
+            if patterns.match(recipient) and entry.live(now):
                 return entry
         return None

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from ..addresses import NetworkSet, client_network, domain_of, normalise_sender, recipient_matches
+from ..addresses import AddressPatterns, NetworkSet, client_network, domain_of, normalise_sender
 from ..config import RateRule
 from ..model import Action, Query, Stage, Verdict
 
@@ -128,15 +128,17 @@ def decide_all(
     return decisions, admitted
 
 
-def rule_applies(rule: RateRule, query: Query, exempt_clients: NetworkSet) -> bool:
-    if Stage(rule.stage) is not query.stage:
+def rule_applies(
+    rule: RateRule, query: Query, exempt_clients: NetworkSet, exempt_senders: AddressPatterns
+) -> bool:
+    """Stage and exemptions; the client and sender exemptions come pre-built per rule."""
+    if rule.stage != query.stage.value:
         return False
     if query.client in exempt_clients:
         return False
     if query.auth and query.auth.lower() in rule.exempt_users:
         return False
-    sender = query.sender.lower()
-    return not (rule.exempt_senders and recipient_matches(sender, rule.exempt_senders))  # rare
+    return not (exempt_senders and exempt_senders.match(query.sender.lower()))
 
 
 def key_parts(rule: RateRule, query: Query) -> list[str] | None:
@@ -220,7 +222,10 @@ class RateLimiter:
     ) -> None:
         self.rules = {rule.name: rule for rule in rules}
         self.exempt_global = exempt
-        self.exempt = {rule.name: NetworkSet(rule.exempt_clients) for rule in rules}
+        self.exempt = {
+            rule.name: (NetworkSet(rule.exempt_clients), AddressPatterns(rule.exempt_senders))
+            for rule in rules
+        }
         self.limits = {
             rule.name: Limit(rule.rate[0], rule.rate[1], rule.effective_burst) for rule in rules
         }
@@ -235,7 +240,7 @@ class RateLimiter:
             return []
         out: list[Charge] = []
         for name, rule in self.rules.items():
-            if name in already or not rule_applies(rule, query, self.exempt[name]):
+            if name in already or not rule_applies(rule, query, *self.exempt[name]):
                 continue
             parts = key_parts(rule, query)
             if parts is None:

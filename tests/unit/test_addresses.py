@@ -8,10 +8,10 @@ import pytest
 
 from policyd.addresses import (
     NULL_SENDER,
+    AddressPatterns,
     client_network,
     normalise_recipient,
     normalise_sender,
-    recipient_matches,
 )
 
 
@@ -64,10 +64,12 @@ def test_client_network(ip: str, net: str) -> None:
 
 
 def test_recipient_patterns() -> None:
-    patterns = ("postmaster@", "abuse@example.org", "@optout.example", "other.example")
-    assert recipient_matches("postmaster@any.example", patterns)
-    assert recipient_matches("abuse@example.org", patterns)
-    assert not recipient_matches("abuse@example.net", patterns)
-    assert recipient_matches("x@optout.example", patterns)
-    assert recipient_matches("y@other.example", patterns)
-    assert not recipient_matches("y@sub.other.example", patterns)
+    patterns = AddressPatterns(
+        ("postmaster@", "abuse@example.org", "@optout.example", "other.example")
+    )
+    assert patterns.match("postmaster@any.example")
+    assert patterns.match("abuse@example.org")
+    assert not patterns.match("abuse@example.net")
+    assert patterns.match("x@optout.example")
+    assert patterns.match("y@other.example")
+    assert not patterns.match("y@sub.other.example")

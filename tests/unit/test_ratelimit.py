@@ -195,3 +195,18 @@ def test_costs() -> None:
     assert cost_of(Counted.RECIPIENTS, rcpt()) == 1
     assert cost_of(Counted.MESSAGES, data) == 1
     assert cost_of(Counted.BYTES, data) == 5000
+
+
+async def test_exempt_senders() -> None:
+    store = MemoryRateStore()
+    rl = limiter([{"name": "r", "rate": "5/m", "exempt_senders": ["a@example.net"]}], store)
+    assert (await rl.check(rcpt(), 0.0, set())).verdict is None
+    assert store.calls == []  # the sender is exempt: no store call
+    other = Query(
+        Stage.RCPT,
+        ipaddress.ip_address("192.0.2.10"),
+        sender="b@example.net",
+        recipient="b@example.org",
+    )
+    await rl.check(other, 0.0, set())
+    assert [c.rule for c in store.calls[-1]] == ["r"]
