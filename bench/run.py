@@ -1,15 +1,19 @@
 """Benchmark driver: policyd against the floor and the peers, interleaved rounds, medians.
 
 Starts the floor (bench/floor.py), the daemon (``python3 -m policyd``, SQLite store in a
-temporary directory) and, with ``--peers`` (the default when they are installed, or
-installable because we are root), greylistd and postgrey (bench/peers.py), then for each
-concurrency runs rounds floor, policyd, greylistd, postgrey, postgrey-persistent, floor, …
-with the Exim-like client of bench/loadgen.py, and reports per concurrency the medians of
-q/s and latency percentiles, every target's ratio to the floor, policyd's ratio to each peer,
-CPU per question of each server (``/proc/PID/stat`` deltas over the run, warm-up included)
-and each server's RSS.
+temporary directory), with ``--redis`` (the default when ``redis-server`` is installed) a
+second daemon ``policyd-redis`` on a private redis-server (Unix socket in the temporary
+directory, no TCP, no persistence) and, with ``--peers`` (the default when they are
+installed, or installable because we are root), greylistd and postgrey (bench/peers.py),
+then for each concurrency runs rounds floor, policyd, policyd-redis, greylistd, postgrey,
+postgrey-persistent, floor, … with the Exim-like client of bench/loadgen.py, and reports per
+concurrency the medians of q/s and latency percentiles, every target's ratio to the floor,
+policyd's ratio to each peer, CPU per question of each server (``/proc/PID/stat`` deltas
+over the run, warm-up included; for policyd-redis also the redis-server's) and each server's
+RSS.
 
-    python3 bench/run.py [--quick] [--out bench/results/NAME.json] [--profile] [--no-peers]
+    python3 bench/run.py [--quick] [--out bench/results/NAME.json] [--profile [TARGET]]
+                         [--no-peers] [--no-redis]
 
 Writes NAME.json and NAME.md (the summary also printed to stdout). ``--quick`` takes well
 under 3 minutes; ``--stand-in floor`` measures a second floor in place of policyd (to test
@@ -50,7 +54,16 @@ MODES = {
     },
 }
 _LINE_NO = re.compile(r":\d+\)$")
-MEDIAN_KEYS = ("qps", "p50_us", "p90_us", "p99_us", "p999_us", "cpu_us_per_q")
+MEDIAN_KEYS = (
+    "qps",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "cpu_us_per_q",
+    "store_cpu_us_per_q",
+)
+REDIS_TARGET = "policyd-redis"
 
 
 def measure(
@@ -65,8 +78,11 @@ def measure(
     target: str = "",
     terminator: bytes | None = None,
     persistent: bool = False,
+    store: servers.Server | None = None,
 ) -> tuple[dict[str, object], LoadResult]:
-    """One run against one server: the client's figures plus the server's CPU and memory."""
+    """One run against one server: the client's figures plus the server's CPU and memory
+    (and the CPU of its ``store`` server, a redis-server, when it has one)."""
+    store0 = store.cpu_seconds() if store else 0.0
     cpu0 = server.cpu_seconds()
     res = run_load(
         server.socket,
@@ -86,6 +102,11 @@ def measure(
     # The CPU delta covers warm-up too, so divide by every question sent.
     row["cpu_us_per_q"] = round(cpu / res.issued * 1e6, 1) if res.issued else None
     row["memory_kib"] = server.memory_kib()
+    if store is not None:
+        store_cpu = store.cpu_seconds() - store0
+        row["store_cpu_s"] = round(store_cpu, 3)
+        row["store_cpu_us_per_q"] = round(store_cpu / res.issued * 1e6, 1) if res.issued else None
+        row["store_memory_kib"] = store.memory_kib()
     return row, res
 
 
@@ -124,18 +145,33 @@ def git_revision() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def profile(server: servers.Server, requests: Requests, out_base: Path, seconds: float) -> dict:
+def profile(
+    server: servers.Server,
+    requests: Requests,
+    out_base: Path,
+    seconds: float,
+    *,
+    start_index: int = 0,
+) -> dict:
     """Sample the daemon with py-spy under c=16 load; keep the collapsed stacks, return the
     functions with the most samples (self time, and total time)."""
     spy = shutil.which("py-spy")
     if spy is None:
         return {"error": "py-spy not installed (pip install py-spy)"}
-    raw = out_base.with_suffix(".pyspy.txt")
+    suffix = ".pyspy.txt" if server.name == "policyd" else f".{server.name}.pyspy.txt"
+    raw = out_base.with_suffix(suffix)
     cmd = [spy, "record", "--pid", str(server.pid), "--duration", str(int(seconds) + 1)]
     cmd += ["--rate", "500", "--format", "raw", "--output", str(raw), "--nonblocking"]
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
-    run_load(server.socket, requests, concurrency=16, duration=seconds, warmup=0.0)
+    run_load(
+        server.socket,
+        requests,
+        concurrency=16,
+        duration=seconds,
+        warmup=0.0,
+        start_index=start_index,
+    )
     _, err = spy_proc.communicate(timeout=60)
     if not raw.exists():
         return {"error": err.decode(errors="replace")[-500:]}
@@ -160,6 +196,7 @@ def profile(server: servers.Server, requests: Requests, out_base: Path, seconds:
         return [(name, round(100 * n / grand, 1)) for name, n in ranked]
 
     return {
+        "target": server.name,
         "samples": grand,
         "raw": str(raw),
         "self_pct": top(self_samples),
@@ -227,6 +264,7 @@ def summary_markdown(report: dict) -> str:
         f"(peak {mem.get('VmHWM', 0) / 1024:.1f} MiB, {mem.get('Threads', '?')} threads).",
         f"{b} answers: {report['answers']}; errors: {report['errors'] or 'none'}.",
     ]
+    lines += _redis_md(report)
     pinfo = report.get("peers") or {}
     if pinfo:
         lines += ["", "Peers:", ""]
@@ -241,9 +279,32 @@ def summary_markdown(report: dict) -> str:
                 lines.append(f"- {name}: **{info.get('note')}**")
     prof = report.get("profile")
     if prof and "self_pct" in prof:
-        lines += ["", f"py-spy, {prof['samples']} samples at c=16, most self time:", ""]
+        who = prof.get("target", b)
+        lines += ["", f"py-spy of {who}, {prof['samples']} samples at c=16, most self time:", ""]
         lines += [f"- {pct}% {name}" for name, pct in prof["self_pct"][:12]]
     return "\n".join(lines) + "\n"
+
+
+def _redis_md(report: dict) -> list[str]:
+    """The policyd-redis lines: RSS of the daemon, the redis-server's CPU/q and RSS."""
+    info = report.get("redis") or {}
+    if info.get("status") != "measured":
+        return ["", f"{REDIS_TARGET}: **{info.get('note', 'not measured')}**"] if info else []
+    mem = info.get("memory_kib", {})
+    rmem = info.get("redis_server_memory_kib", {})
+    per_c = ", ".join(
+        f"c={c} {_fmt(entry[REDIS_TARGET]['median'].get('store_cpu_us_per_q'), '.1f')} µs"
+        for c, entry in report["results"].items()
+        if REDIS_TARGET in entry
+    )
+    return [
+        "",
+        f"{REDIS_TARGET} (redis-server {info.get('version')}, Unix socket, no persistence): "
+        f"daemon RSS at the end {mem.get('VmRSS', 0) / 1024:.1f} MiB "
+        f"(peak {mem.get('VmHWM', 0) / 1024:.1f} MiB); redis-server CPU/q (not in the "
+        f"table's CPU/q) {per_c}; redis-server RSS {rmem.get('VmRSS', 0) / 1024:.1f} MiB.",
+        f"{REDIS_TARGET} answers: {info.get('answers')}; errors: {info.get('errors') or 'none'}.",
+    ]
 
 
 def compare(a: dict[str, float | None], b: dict[str, float | None], paired: list[float]) -> dict:
@@ -276,13 +337,43 @@ class Target:
         *,
         terminator: bytes | None = None,
         persistent: bool = False,
+        store: servers.Server | None = None,
     ) -> None:
         self.name = name
         self.server = server
         self.requests = requests
         self.terminator = terminator
         self.persistent = persistent
+        #: A server the target needs whose CPU is counted apart (policyd-redis: Redis).
+        self.store = store
         self.index = 0
+
+
+def start_redis_target(
+    workdir: Path, requests: Requests, log_level: str | None, info: dict
+) -> tuple[Target | None, list[servers.Server]]:
+    """A private redis-server and a daemon using it (same config as ``policyd`` but the
+    store URL); on failure a note in ``info`` and nothing started."""
+    if shutil.which(servers.REDIS_SERVER) is None:
+        info.update(status="skipped", note=f"skipped: {servers.REDIS_SERVER} not found")
+        print(f"{REDIS_TARGET}: {info['note']}", file=sys.stderr)
+        return None, []
+    started: list[servers.Server] = []
+    try:
+        redis_srv = servers.start_redis(workdir)
+        started.append(redis_srv)
+        conf = servers.policyd_config(
+            workdir, log_level=log_level, store_url=f"unix://{redis_srv.socket}", name=REDIS_TARGET
+        )
+        started.append(servers.start_policyd(workdir, conf, name=REDIS_TARGET))
+    except (RuntimeError, OSError) as exc:
+        for srv in reversed(started):
+            servers.stop(srv)
+        info.update(status="skipped", note=f"failed to start: {str(exc)[-300:]}: skipped")
+        print(f"{REDIS_TARGET}: {info['note']}", file=sys.stderr)
+        return None, []
+    info.update(status="measured", version=redis_srv.extra.get("version"))
+    return Target(REDIS_TARGET, started[1], requests, store=redis_srv), started
 
 
 def start_peers(
@@ -352,8 +443,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peer-list", default=",".join(peers.PEERS), help="which peers (default: all)"
     )
+    parser.add_argument(
+        "--redis",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also measure {REDIS_TARGET}: the daemon on a private redis-server (Unix "
+        "socket in the temporary directory, no TCP, no persistence); skipped with a note "
+        "when redis-server is not installed. Default: on",
+    )
     parser.add_argument("--log-level", help="override policyd's [server] log_level")
-    parser.add_argument("--profile", action="store_true", help="py-spy the daemon at c=16")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="policyd",
+        choices=["policyd", REDIS_TARGET],
+        help=f"py-spy a daemon at c=16 (default policyd; or {REDIS_TARGET})",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
 
@@ -383,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     b: servers.Server | None = None
     report: dict = {}
     report_peers: dict = {}
+    report_redis: dict = {}
     try:
         floor = servers.start_floor(workdir)
         started.append(floor)
@@ -394,6 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         started.append(b)
         name_b = "policyd" if args.stand_in == "policyd" else "floor2"
         targets = [Target("floor", floor, requests), Target(name_b, b, requests)]
+        if args.redis:
+            redis_target, redis_servers = start_redis_target(
+                workdir, requests, args.log_level, report_redis
+            )
+            started += redis_servers
+            if redis_target is not None:
+                targets.append(redis_target)
+        else:
+            report_redis = {"status": "skipped", "note": "--no-redis: not measured"}
         if args.peers:
             wanted = [p.strip() for p in args.peer_list.split(",") if p.strip()]
             peer_targets, peer_servers = start_peers(workdir, requests, wanted, report_peers)
@@ -420,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                         target=t.name,
                         terminator=t.terminator,
                         persistent=t.persistent,
+                        store=t.store,
                     )
                     t.index = res.next_index
                     row["round"] = r
@@ -428,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"  round {r}: {format_result(res)} cpu/q={row['cpu_us_per_q']}µs",
                         file=sys.stderr,
                     )
-                    if not t.server.alive():
-                        raise RuntimeError(f"{t.name} died:\n{t.server.log_tail()}")
+                    for srv in (t.server, t.store):
+                        if srv is not None and not srv.alive():
+                            raise RuntimeError(f"{srv.name} died:\n{srv.log_tail()}")
             med = {name: medians(rs) for name, rs in rows.items()}
             entry: dict = {name: {"median": med[name], "rounds": rs} for name, rs in rows.items()}
             entry["to_floor"] = {
@@ -441,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["vs_peers"] = {
                 name: compare(med[name_b], med[name], _paired(rows[name_b], rows[name]))
                 for name in rows
-                if name not in ("floor", name_b)
+                if name not in ("floor", name_b, REDIS_TARGET)
             }
             results[str(c)] = entry
             for name, rs in rows.items():
@@ -452,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
                 info["memory_kib"] = t.server.memory_kib()
                 info["answers"] = totals(all_rows[t.name], "answers")
                 info["errors"] = totals(all_rows[t.name], "error_kinds")
+            if t.name == REDIS_TARGET and t.store is not None:
+                report_redis["memory_kib"] = t.server.memory_kib()
+                report_redis["redis_server_memory_kib"] = t.store.memory_kib()
+                report_redis["answers"] = totals(all_rows[t.name], "answers")
+                report_redis["errors"] = totals(all_rows[t.name], "error_kinds")
         report = {
             "meta": {
                 "mode": mode,
@@ -475,14 +597,25 @@ def main(argv: list[str] | None = None) -> int:
             "answers": totals(all_rows[name_b], "answers"),
             "errors": totals(all_rows[name_b], "error_kinds"),
             "peers": report_peers,
+            "redis": report_redis,
         }
         if args.profile:
-            report["profile"] = profile(b, requests, out, cfg["duration"] * 3)
+            wanted_name = name_b if args.profile == "policyd" else args.profile
+            prof = next((t for t in targets if t.name == wanted_name), None)
+            if prof is None:
+                report["profile"] = {"error": f"{args.profile} not running"}
+            else:
+                seconds = cfg["duration"] * 3
+                report["profile"] = profile(
+                    prof.server, prof.requests, out, seconds, start_index=prof.index
+                )
     finally:
-        for server in started:
+        for server in reversed(started):
             code = servers.stop(server)
             if report and server is b:
                 report["meta"]["exit_code_b"] = code
+            elif report_redis.get("status") == "measured" and server.name == REDIS_TARGET:
+                report_redis["exit_code"] = code
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

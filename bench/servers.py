@@ -1,19 +1,25 @@
-"""Start and stop the servers under test (policyd, the floor) and read their /proc figures.
+"""Start and stop the servers under test (policyd, the floor, a private redis-server) and
+read their /proc figures.
 
-Both run as subprocesses in a temporary directory; readiness is "the socket accepts a
-connection", polled a bounded number of times. CPU comes from ``/proc/PID/stat`` (utime +
-stime, all threads) and memory from ``/proc/PID/status`` (VmRSS, VmHWM).
+All run as subprocesses in a temporary directory; readiness is "the socket accepts a
+connection" (for Redis: answers PING), polled a bounded number of times. CPU comes from
+``/proc/PID/stat`` (utime + stime, all threads) and memory from ``/proc/PID/status`` (VmRSS,
+VmHWM). The redis-server is the bench's own: a Unix socket in the temporary directory,
+``port 0`` (no TCP at all), no persistence, stopped by its PID; never the machine's Redis.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +30,10 @@ REPO_DIR = BENCH_DIR.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+REDIS_SERVER = "redis-server"
+#: linux/prctl.h: signal the child gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
 
 
 @dataclass
@@ -74,27 +84,38 @@ def policyd_config(
     deadline: str = "1s",
     max_connections: int = 256,
     log_level: str | None = None,
+    store_url: str | None = None,
+    name: str = "policyd",
 ) -> Path:
-    """The bench config: the brief's settings, our whitelist, files in ``workdir``."""
-    db = db_path or workdir / "state.sqlite3"
+    """The bench config: the brief's settings, our whitelist, files in ``workdir``.
+
+    ``store_url`` replaces the SQLite file (e.g. ``unix:///…/redis.sock``); ``name`` names
+    the socket and the config file, so several daemons can share ``workdir``."""
+    url = store_url or f"sqlite://{db_path or workdir / 'state.sqlite3'}"
     wl = ", ".join(f'"{c}"' for c in WHITELIST_CIDRS)
     level = f'log_level = "{log_level}"\n' if log_level else ""
     text = (
         "[server]\n"
-        f'socket = "{workdir / "policyd.sock"}"\n'
+        f'socket = "{workdir / f"{name}.sock"}"\n'
         'socket_mode = "0600"\n'
         f'deadline = "{deadline}"\n'
         f"max_connections = {max_connections}\n"
         f"{level}"
         "\n[store]\n"
-        f'url = "sqlite://{db}"\n'
+        f'url = "{url}"\n'
         "\n[greylist]\n"
         'delay = "5m"\n'
         "auto_whitelist_after = 5\n"
         f"whitelist_clients = [{wl}]\n"
         "learn = false\n"
+        # Every daemon its own admin socket and a free metrics port: several daemons (and
+        # other benches on the machine) run side by side.
+        "\n[admin]\n"
+        f'socket = "{workdir / f"{name}-admin.sock"}"\n'
+        "\n[metrics]\n"
+        'listen = "127.0.0.1:0"\n'
     )
-    path = workdir / "policyd.toml"
+    path = workdir / f"{name}.toml"
     path.write_text(text)
     return path
 
@@ -104,36 +125,58 @@ def _raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _spawn(name: str, argv: list[str], sock: str, workdir: Path) -> Server:
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the bench dies without stopping it (one C
+    call between fork and exec, nothing that takes a lock)."""
+    _raise_nofile()
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    sock: str,
+    workdir: Path,
+    *,
+    probe: bytes = b"",
+    cwd: Path = REPO_DIR,
+    preexec: Callable[[], None] = _raise_nofile,
+) -> Server:
     log = workdir / f"{name}.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(  # our own interpreter and files
             argv,
-            cwd=REPO_DIR,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
-            preexec_fn=_raise_nofile,  # noqa: PLW1509  # no threads in the bench parent yet
+            preexec_fn=preexec,  # noqa: PLW1509  # no threads in the bench parent yet
         )
     server = Server(name, sock, proc, log, workdir)
-    wait_ready(server)
+    wait_ready(server, probe=probe)
     return server
 
 
-def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll until the socket accepts a connection; fail early if the process died."""
+def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S, *, probe: bytes = b"") -> None:
+    """Poll until the socket accepts a connection (and, with ``probe``, answers something
+    to it); fail early if the process died."""
     step = 0.05
     for _ in range(int(timeout / step)):
         if not server.alive():
             raise RuntimeError(f"{server.name} exited early:\n{server.log_tail()}")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe.connect(server.socket)
+            conn.settimeout(1.0)
+            conn.connect(server.socket)
+            if probe:
+                conn.sendall(probe)
+                if not conn.recv(64).startswith(b"+"):
+                    raise OSError("not ready")
         except OSError:
             time.sleep(step)
             continue
         finally:
-            probe.close()
+            conn.close()
         return
     stop(server)
     raise RuntimeError(f"{server.name} not ready after {timeout}s:\n{server.log_tail()}")
@@ -147,10 +190,38 @@ def start_floor(workdir: Path, *, stdlib_loop: bool = False, name: str = "floor"
     return _spawn(name, argv, sock, workdir)
 
 
-def start_policyd(workdir: Path, config: Path) -> Server:
-    sock = str(workdir / "policyd.sock")
+def start_redis(workdir: Path, name: str = "redis-server") -> Server:
+    """A private redis-server for the Redis store: Unix socket in ``workdir`` (mode 0700),
+    ``port 0`` (no TCP listener), no RDB or AOF, its files in ``workdir/redis``. It dies
+    with the bench (PDEATHSIG) if the bench is killed before ``stop``."""
+    binary = shutil.which(REDIS_SERVER)
+    if binary is None:
+        raise FileNotFoundError(f"{REDIS_SERVER} not found")
+    data = workdir / "redis"
+    data.mkdir(exist_ok=True)
+    sock = str(workdir / "redis.sock")
+    argv = [binary, "--port", "0", "--bind", "127.0.0.1", "--unixsocket", sock]
+    argv += ["--unixsocketperm", "700", "--dir", str(data), "--daemonize", "no"]
+    argv += ["--save", "", "--appendonly", "no", "--logfile", ""]
+    server = _spawn(
+        name, argv, sock, workdir, probe=b"PING\r\n", cwd=data, preexec=_die_with_parent
+    )
+    server.extra["version"] = redis_version(binary)
+    return server
+
+
+def redis_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    for word in out.stdout.split():
+        if word.startswith("v="):
+            return word[2:]
+    return out.stdout.strip() or "unknown"
+
+
+def start_policyd(workdir: Path, config: Path, name: str = "policyd") -> Server:
+    sock = str(workdir / f"{name}.sock")
     argv = [sys.executable, "-m", "policyd", "--config", str(config)]
-    return _spawn("policyd", argv, sock, workdir)
+    return _spawn(name, argv, sock, workdir)
 
 
 def stop(server: Server) -> int | None:

@@ -158,7 +158,7 @@ return 1
 SCRIPTS: Final = (GREYLIST_STEP, RATELIMIT_STEP, GREYLIST_PASS)
 
 
-_TAG_ESCAPES: Final = {"%": "%25", "{": "%7B", "}": "%7D"}
+_TAG_ESCAPES: Final = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
 _TAG_UNESCAPE_RE: Final = re.compile(r"%(25|7B|7D)")
 _GLOB_SPECIAL_RE: Final = re.compile(r"([*?\[\]\\])")
 
@@ -166,7 +166,7 @@ _GLOB_SPECIAL_RE: Final = re.compile(r"([*?\[\]\\])")
 def _tag(text: str) -> str:
     """Text safe inside a hash tag: no brace can end or move it; never empty (an empty tag
     would make Redis hash the whole key)."""
-    return "".join(_TAG_ESCAPES.get(c, c) for c in text) or "%"
+    return text.translate(_TAG_ESCAPES) or "%"
 
 
 def _untag(text: str) -> str:

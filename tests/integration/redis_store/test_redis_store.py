@@ -29,7 +29,7 @@ from policyd.stores import StoreUnavailable, open_store
 from policyd.stores.breaker import BreakerState
 from policyd.stores.keys import HashedStore
 from policyd.stores.redis_scripts import GREYLIST_STEP
-from policyd.stores.redis_store import RedisStore, is_outage
+from policyd.stores.redis_store import RedisStore, is_outage, pack
 
 from .conftest import RedisLab, StoreOpener, store_config
 
@@ -250,6 +250,19 @@ async def test_tls_with_a_private_ca(
 )
 def test_outage_errors_are_told_from_bad_commands(error: Exception, outage: bool) -> None:
     assert is_outage(error) is outage
+
+
+def test_pipeline_packing_matches_redis_py() -> None:
+    """The store packs its pipelines itself (cheaper); the bytes are redis-py's."""
+    from redis.asyncio.connection import Connection
+
+    commands: list[tuple[str | bytes, ...]] = [
+        ("EVALSHA", GREYLIST_STEP.sha, "2", b"p:t:{192.0.2.0/24}|a@b|c@d", b"p:c:{x}", "0.5"),
+        ("EVAL", "return 1", "1", "p:t:{\u00e9\u6f22}|\u00fc@b|", ""),
+        ("PING",),
+    ]
+    expected = b"".join(Connection().pack_commands(commands))
+    assert pack(commands) == expected
 
 
 async def test_redis_killed_fails_fast_then_recovers(
