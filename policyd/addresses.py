@@ -71,6 +71,15 @@ def client_network(address: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> st
     return f"{socket.inet_ntop(family, packed)}/{prefix}"
 
 
+def ip_text(address: IPAddress) -> str:
+    """``str(address)``, with IPv6 formatted by ``inet_ntop`` (C) rather than ipaddress's
+    Python code. Both compress per RFC 5952; only under ``::/80`` (IPv4-compatible and
+    -mapped forms) does inet_ntop write dotted quads, so those keep ``str()``."""
+    if address.version == 4 or int(address) >> 48 == 0:
+        return str(address)
+    return socket.inet_ntop(socket.AF_INET6, address.packed)
+
+
 class NetworkSet:
     """Membership of an address in a fixed list of networks, by integer comparison."""
 

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Final, TextIO
 
+from .addresses import ip_text
 from .model import Query, Stage, Verdict
 
 logger = logging.getLogger("policyd.decision")
@@ -31,11 +32,14 @@ _TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
 
 
 def decision_line(query: Query, verdict: Verdict) -> str:
+    # ``_value_`` (the enum member's plain attribute) and ``ip_text()``: ``.value`` is a
+    # Python descriptor, and ipaddress's ``str()`` of an IPv6 address is a Python loop.
     recipient = query.recipient if query.stage is Stage.RCPT else ",".join(query.recipients)
     return (
-        f"decision stage={query.stage.value} client={query.client} sender={query.sender!r} "
+        f"decision stage={query.stage._value_} client={ip_text(query.client)} "
+        f"sender={query.sender!r} "
         f"rcpt={recipient!r} helo={query.helo!r} txn={query.txn or '-'} "
-        f"action={verdict.action.value} check={verdict.check or '-'} "
+        f"action={verdict.action._value_} check={verdict.check or '-'} "
         f"reason={verdict.reason or '-'}"
     )
 

@@ -85,13 +85,13 @@ class Dispatcher:
         self.whitelist = Whitelist([])
         self.decisions = DecisionLog()
         # Label children looked up once: labels() costs more than the increment itself.
-        self._per_stage = {
-            stage: (
+        self._per_stage = tuple(
+            (
                 self.metrics.questions.labels(stage.value),
                 self.metrics.latency.labels(stage.value),
             )
-            for stage in Stage
-        }
+            for stage in (Stage.RCPT, Stage.DATA)
+        )
         self._decision_counters: dict[tuple[str, str, str], Any] = {}
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
@@ -162,10 +162,12 @@ class Dispatcher:
         return fallback_verdict(self.config, cause)
 
     def _count(self, stage: Stage, verdict: Verdict, seconds: float) -> None:
-        questions, latency = self._per_stage[stage]
+        # Identity tests and ``_value_``: hashing an enum member (a dict key) and its
+        # ``.value`` descriptor both run Python code.
+        questions, latency = self._per_stage[0 if stage is Stage.RCPT else 1]
         questions.inc()
         latency.observe(seconds)
-        labels = (verdict.check or "-", verdict.reason or "-", verdict.action.value)
+        labels = (verdict.check or "-", verdict.reason or "-", verdict.action._value_)
         counter = self._decision_counters.get(labels)
         if counter is None:
             counter = self._decision_counters[labels] = self.metrics.decisions.labels(*labels)

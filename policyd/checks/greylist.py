@@ -51,7 +51,7 @@ class Timing:
         return cls(config.delay, config.retry_window, config.max_age, config.auto_whitelist_after)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per question (see model.Query)
 class Triplet:
     """Stored state of one (client network, sender, recipient) triplet."""
 
@@ -61,7 +61,7 @@ class Triplet:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per question (see model.Query)
 class Client:
     """Stored state of one client key: distinct triplets passed, for auto-whitelisting."""
 
@@ -69,7 +69,7 @@ class Client:
     last_seen: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per question (see model.Query)
 class Step:
     """One transition: the status, and the records to store with their absolute expiry.
 
@@ -181,10 +181,12 @@ class Greylist:
         self.whitelist_clients = NetworkSet(config.whitelist_clients)
         self.whitelist_recipients = AddressPatterns(config.whitelist_recipients)
         # Answers for the statuses whose text does not depend on the time left.
-        self._verdicts: dict[tuple[Status, float], Verdict] = {}
+        self._verdicts: dict[tuple[str, float], Verdict] = {}
+        self._skipped: dict[str, GreylistResult] = {}
 
-    def skip_reason(self, query: Query) -> str:
-        """Why this question is not greylisted at all ('' when it is)."""
+    def skip_reason(self, query: Query, recipient: str | None = None) -> str:
+        """Why this question is not greylisted at all ('' when it is). ``recipient`` is
+        the normalised recipient when the caller has it."""
         config = self.config
         if not config.enabled:
             return "disabled"
@@ -194,18 +196,23 @@ class Greylist:
             return "relay-client"
         if query.client in self.whitelist_clients:
             return "whitelisted-client"
-        if self.whitelist_recipients.match(normalise_recipient(query.recipient)):
+        if recipient is None:
+            recipient = normalise_recipient(query.recipient)
+        if self.whitelist_recipients.match(recipient):
             return "whitelisted-recipient"
         return ""
 
-    def keys(self, query: Query, spf_domain: str | None = None) -> tuple[str, str]:
+    def keys(
+        self, query: Query, spf_domain: str | None = None, recipient: str | None = None
+    ) -> tuple[str, str]:
         """(triplet key, client key) for a question. With an SPF-validated sender domain
         the domain replaces the client network, so a provider retrying from another host of
         its own pool is recognised (design.md §3)."""
         config = self.config
         client = spf_domain or client_network(query.client, config.ipv4_prefix, config.ipv6_prefix)
-        sender, recipient = normalise_sender(query.sender), normalise_recipient(query.recipient)
-        return triplet_key(client, sender, recipient), client
+        if recipient is None:
+            recipient = normalise_recipient(query.recipient)
+        return triplet_key(client, normalise_sender(query.sender), recipient), client
 
     def timing_for(self, extra_delay: float) -> Timing:
         """The timings, with a longer delay (e.g. for an SPF softfail)."""
@@ -222,7 +229,7 @@ class Greylist:
     def verdict(self, status: Status, retry_in: float) -> Verdict:
         """The answer for a state-machine status (learn mode never defers)."""
         if status is not Status.EARLY:  # retry_in is 0 or a whole delay: few distinct keys
-            key = (status, retry_in)
+            key = (status._value_, retry_in)  # an enum member hashes in Python code
             cached = self._verdicts.get(key)
             if cached is None:
                 cached = self._verdicts[key] = self._verdict(status, retry_in)
@@ -248,10 +255,16 @@ class Greylist:
         spf_domain: str | None = None,
         extra_delay: float = 0.0,
     ) -> GreylistResult:
-        skip = self.skip_reason(query)
+        recipient = normalise_recipient(query.recipient)
+        skip = self.skip_reason(query, recipient)
         if skip:
-            return GreylistResult(Verdict(Action.ACCEPT, check=CHECK, reason=skip), None)
-        key, client = self.keys(query, spf_domain)
+            skipped = self._skipped.get(skip)
+            if skipped is None:
+                skipped = self._skipped[skip] = GreylistResult(
+                    Verdict(Action.ACCEPT, check=CHECK, reason=skip), None
+                )
+            return skipped
+        key, client = self.keys(query, spf_domain, recipient)
         timing = self.timing_for(extra_delay)
         result = await self.store.greylist_step(key, client, now, timing, force_pass)
         verdict = self.verdict(result.status, result.retry_in)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from time import perf_counter
 
 from ..checks.greylist import Step, Timing
 from ..checks.ratelimit import Charge, Decision
 from ..metrics import Metrics
 from . import QuestionStore
-
-_T = TypeVar("_T")
 
 
 class TimedStore:
@@ -34,24 +31,28 @@ class TimedStore:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
+    # Timing inline rather than through a shared helper coroutine: one coroutine frame less
+    # on every question.
     async def greylist_step(
         self, triplet_key: str, client_key: str, now: float, timing: Timing, force_pass: bool
     ) -> Step:
-        operation = self.inner.greylist_step(triplet_key, client_key, now, timing, force_pass)
-        return await _timed(self._grey, operation)
+        seconds, errors = self._grey
+        started = perf_counter()
+        try:
+            return await self.inner.greylist_step(triplet_key, client_key, now, timing, force_pass)
+        except Exception:
+            errors.inc()
+            raise
+        finally:
+            seconds.observe(perf_counter() - started)
 
     async def ratelimit_step(self, charges: Sequence[Charge], now: float) -> list[Decision]:
-        return await _timed(self._rate, self.inner.ratelimit_step(charges, now))
-
-
-async def _timed(metrics: tuple[Any, Any], operation: Awaitable[_T]) -> _T:
-    """Await ``operation``, observing its latency and counting its failure."""
-    seconds, errors = metrics
-    started = time.perf_counter()
-    try:
-        return await operation
-    except Exception:
-        errors.inc()
-        raise
-    finally:
-        seconds.observe(time.perf_counter() - started)
+        seconds, errors = self._rate
+        started = perf_counter()
+        try:
+            return await self.inner.ratelimit_step(charges, now)
+        except Exception:
+            errors.inc()
+            raise
+        finally:
+            seconds.observe(perf_counter() - started)

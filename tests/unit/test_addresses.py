@@ -5,11 +5,14 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from policyd.addresses import (
     NULL_SENDER,
     AddressPatterns,
     client_network,
+    ip_text,
     normalise_recipient,
     normalise_sender,
 )
@@ -73,3 +76,18 @@ def test_recipient_patterns() -> None:
     assert patterns.match("x@optout.example")
     assert patterns.match("y@other.example")
     assert not patterns.match("y@sub.other.example")
+
+
+@given(st.integers(min_value=0, max_value=2**128 - 1))
+@example(0)
+@example(1)
+@example(0xFFFF_C000_0280)  # IPv4-mapped
+@example(0xC000_0280)  # IPv4-compatible
+@example(0x2001_0DB8_0000_0000_0001_0000_0000_0001)  # two zero runs: the first is kept
+def test_ip_text_is_str_for_every_ipv6_address(value: int) -> None:
+    address = ipaddress.IPv6Address(value)
+    assert ip_text(address) == str(address)
+
+
+def test_ip_text_ipv4() -> None:
+    assert ip_text(ipaddress.IPv4Address("192.0.2.1")) == "192.0.2.1"
