@@ -25,6 +25,8 @@ CHECK: Final = "greylist"
 DEFER_CODE: Final = 451
 DEFER_ECODE: Final = "4.7.1"
 KEY_SEPARATOR: Final = "|"
+#: Distinct cached answers at most (status × worded wait; a few hundred at most in practice).
+VERDICT_CACHE_ENTRIES: Final = 1024
 
 
 class Status(enum.Enum):
@@ -181,7 +183,7 @@ class Greylist:
         self.whitelist_clients = NetworkSet(config.whitelist_clients)
         self.whitelist_recipients = AddressPatterns(config.whitelist_recipients)
         # Answers for the statuses whose text does not depend on the time left.
-        self._verdicts: dict[tuple[str, float], Verdict] = {}
+        self._verdicts: dict[tuple[str, str], Verdict] = {}
         self._skipped: dict[str, GreylistResult] = {}
 
     def skip_reason(self, query: Query, recipient: str | None = None) -> str:
@@ -227,19 +229,23 @@ class Greylist:
         )
 
     def verdict(self, status: Status, retry_in: float) -> Verdict:
-        """The answer for a state-machine status (learn mode never defers)."""
-        if status is not Status.EARLY:  # retry_in is 0 or a whole delay: few distinct keys
-            key = (status._value_, retry_in)  # an enum member hashes in Python code
-            cached = self._verdicts.get(key)
-            if cached is None:
-                cached = self._verdicts[key] = self._verdict(status, retry_in)
-            return cached
-        return self._verdict(status, retry_in)
+        """The answer for a state-machine status (learn mode never defers).
 
-    def _verdict(self, status: Status, retry_in: float) -> Verdict:
+        Answers are shared objects, cached by status and by the wait as the text words it
+        ("4 minutes"): few distinct keys (bounded by ``VERDICT_CACHE_ENTRIES``)."""
+        wait = human_duration(retry_in) if status is Status.NEW or status is Status.EARLY else ""
+        key = (status._value_, wait)  # _value_: an enum member hashes in Python code
+        cached = self._verdicts.get(key)
+        if cached is None:
+            if len(self._verdicts) >= VERDICT_CACHE_ENTRIES:
+                self._verdicts.clear()
+            cached = self._verdicts[key] = self._verdict(status, wait)
+        return cached
+
+    def _verdict(self, status: Status, wait: str) -> Verdict:
         config = self.config
         if status in (Status.NEW, Status.EARLY) and not config.learn:
-            text = config.message.replace("{delay}", human_duration(retry_in))
+            text = config.message.replace("{delay}", wait)
             return Verdict(
                 Action.DEFER, DEFER_CODE, DEFER_ECODE, text, check=CHECK, reason=status.value
             )
