@@ -29,7 +29,15 @@ from ..addresses import NetworkSet, normalise_sender
 from ..config import SpfConfig
 from ..dns import Resolver
 from ..model import Action, Query, Verdict
-from .spf_eval import Evaluation, Timeout, View, authorised_breadth, drive, evaluate_once
+from .spf_eval import (
+    Evaluation,
+    Timeout,
+    View,
+    authorised_breadth,
+    drive,
+    evaluate_once,
+    without_record,
+)
 from .spf_headers import (
     Checked,
     Identity,
@@ -73,6 +81,7 @@ MAX_TEMPERROR_ENTRIES: Final = 10_000
 #: A give-up entry older than temperror_max_time plus this is forgotten: a new outage weeks
 #: later starts deferring again.
 TEMPERROR_FORGET_AFTER: Final = 86_400.0
+_FOREVER: Final = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +237,7 @@ class SpfCheck:
         self.temperrors = TempErrorMemory(config.temperror_max_defers, config.temperror_max_time)
         self._results: OrderedDict[tuple[str, str, str], _Evaluated] = OrderedDict()
         self._guards: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        self._accepts: dict[Result, Verdict] = {}
 
     async def close(self) -> None:
         if self._owns_resolver:
@@ -249,7 +259,7 @@ class SpfCheck:
         sender = query.sender.strip().strip("<>")
         client_ip, helo = str(query.client), query.helo.strip()
         key = (client_ip, sender, helo)
-        evaluated = self._cached(key)
+        evaluated = self._cached(key) or self._without_records(client_ip, sender, helo)
         if evaluated is None:
             evaluated = await self._evaluate(client_ip, sender, helo, now)
             self._remember(key, evaluated)
@@ -259,7 +269,7 @@ class SpfCheck:
             give_up = self.temperrors.give_up(client_ip, sender, now)
         softfail = deciding.result is Result.SOFTFAIL
         return SpfOutcome(
-            verdict=decide(deciding, self.config, give_up=give_up),
+            verdict=self._decide(deciding, give_up),
             result=deciding.result,
             identity=deciding.identity,
             domain=deciding.domain,
@@ -271,6 +281,46 @@ class SpfCheck:
             greylist_domain=evaluated.greylist_domain,
             extra_greylist_delay=self.config.softfail_greylist_delay if softfail else 0.0,
         )
+
+    def _decide(self, checked: Checked, give_up: bool) -> Verdict:
+        """``decide``, with its accepting verdicts (which depend on the result alone) made
+        once per result instead of once per check."""
+        verdict = self._accepts.get(checked.result)
+        if verdict is None:
+            verdict = decide(checked, self.config, give_up=give_up)
+            if verdict.action is Action.ACCEPT and verdict.reason == checked.result.value:
+                self._accepts[checked.result] = verdict
+        return verdict
+
+    def _without_records(self, client_ip: str, sender: str, helo: str) -> _Evaluated | None:
+        """The check's outcome when no identity it evaluates publishes an SPF record
+        (``without_record``: exactly pyspf's ``none``), from the DNS cache alone; None when
+        pyspf has to run. Not kept in the result cache: this is about as cheap as a hit, and
+        would only push out results that cost a pyspf run."""
+        expires = _FOREVER
+        checked: list[Checked] = []
+        if not sender or self.config.helo == "first":
+            if helo_is_checkable(helo):
+                no_record = without_record(self.resolver, "", helo)
+                if no_record is None:
+                    return None
+                expires = no_record[1]
+                checked.append(
+                    Checked(Identity.HELO, Result.NONE, no_record[0], client_ip, "", helo)
+                )
+            else:
+                checked.append(
+                    Checked(Identity.HELO, Result.NONE, helo.lower(), client_ip, "", helo)
+                )
+        if sender:  # a HELO "none" never decides alone (only a HELO fail does)
+            no_record = without_record(self.resolver, sender, helo)
+            if no_record is None:
+                return None
+            expires = min(expires, no_record[1])
+            checked.append(
+                Checked(Identity.MAILFROM, Result.NONE, no_record[0], client_ip, sender, helo)
+            )
+        return _Evaluated(tuple(checked), None, expires)
 
     def _cached(self, key: tuple[str, str, str]) -> _Evaluated | None:
         evaluated = self._results.get(key)

@@ -54,6 +54,9 @@ MAX_MX: Final = spf.MAX_MX
 MAX_PTR: Final = spf.MAX_PTR
 _T = TypeVar("_T")
 _DEFAULT_EXPLANATIONS: Final = frozenset(spf.EXPLANATIONS.values())
+_RE_SPF: Final = spf.RE_SPF  # what dns_spf takes for an SPF record
+_MAX_LABEL: Final = 63  # dns_spf's test for a malformed domain (RFC 1035 §2.3.4)
+_FOREVER: Final = float("inf")
 
 
 class NeedRecords(Exception):
@@ -226,6 +229,33 @@ def evaluate_once(
     return Evaluation(
         result, explanation, mechanism, problem, str(query.o).lower(), str(query.ident)
     )
+
+
+def without_record(resolver: Resolver, sender: str, helo: str) -> tuple[str, float] | None:
+    """``(domain, expires)`` when pyspf's answer for this identity is certainly ``none``
+    because the domain publishes no SPF record (RFC 7208 §4.5: then the result is ``none``
+    whatever the client address), read from the cache alone; None: evaluate with pyspf.
+
+    Follows pyspf's own path step by step (``query.__init__``, ``check``, ``dns_spf``,
+    ``dns_txt`` and ``_CachedQuery.dns``), so the shortcut gives exactly pyspf's result
+    (``none``, no explanation, mechanism or problem) without building a query: a malformed
+    domain or one c-ares cannot ask for has no record; a void TXT answer, or one without a
+    ``v=spf1`` string, has none either. A miss, a temporary failure or any SPF record goes
+    the full way. ``expires`` is when the TXT answer this rests on expires."""
+    domain = spf.split_email(sender, helo)[1]
+    for label in domain.split("."):  # dns_spf: a malformed domain has no record
+        if not label or len(label) > _MAX_LABEL:
+            return domain.lower(), _FOREVER
+    name = normalise_name(domain)
+    if not valid_name(name):  # _CachedQuery.dns: no data, not a void lookup
+        return domain.lower(), _FOREVER
+    answer = resolver.peek(name, "TXT")
+    if answer is None or answer.status is Status.TEMPFAIL:
+        return None
+    for value in answer.values:
+        if not isinstance(value, bytes) or _RE_SPF.match(value):
+            return None
+    return domain.lower(), answer.expires
 
 
 # -- wide-open guard ---------------------------------------------------------------------------

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from policyd.checks.spf_eval import NeedRecords, View, authorised_breadth, evaluate_once
+from policyd.checks.spf_eval import (
+    NeedRecords,
+    View,
+    authorised_breadth,
+    evaluate_once,
+    without_record,
+)
 from policyd.dns import Answer, Resolver, Status, Value
 
 FAR = 1e12
@@ -122,3 +128,64 @@ def test_breadth_follows_includes_and_redirects() -> None:
     with pytest.raises(NeedRecords):
         authorised_breadth(view, "x.example")
     assert view.missing == {("gone", "TXT")}
+
+
+_SHORTCUT_ZONE: dict[tuple[str, str], tuple[Value, ...] | Status] = {
+    ("nx.example", "TXT"): Status.NXDOMAIN,
+    ("nodata.example", "TXT"): Status.NODATA,
+    ("other-txt.example", "TXT"): (b"google-site-verification=abc", b"v=spf10 -all", b""),
+    ("spf.example", "TXT"): (b"v=spf1 -all",),
+    ("bare.example", "TXT"): (b"v=spf1",),
+    ("upper.example", "TXT"): (b"V=SPF1 -all",),
+    ("two.example", "TXT"): (b"v=spf1 -all", b"v=spf1 +all"),
+    ("mixed.example", "TXT"): (b"hello", b"v=spf1 ?all"),
+    ("down.example", "TXT"): Status.TEMPFAIL,
+    ("nonascii.example", "TXT"): ("v=spf1 -all",),  # not bytes: never taken as "no record"
+}
+
+
+@pytest.mark.parametrize(
+    ("sender", "helo"),
+    [
+        ("a@nx.example", "mail.example.net"),
+        ("a@NoData.Example", "mail.example.net"),
+        ("a@other-txt.example", "mail.example.net"),
+        ("", "other-txt.example"),
+        ("", "nx.example"),
+        ("a@spf.example", "nx.example"),
+        ("a@bare.example", "mail.example.net"),
+        ("a@upper.example", "mail.example.net"),
+        ("a@two.example", "mail.example.net"),
+        ("a@mixed.example", "mail.example.net"),
+        ("a@down.example", "mail.example.net"),
+        ("a@nonascii.example", "mail.example.net"),
+        ("a@unknown.example", "mail.example.net"),  # not cached: pyspf asks
+        ("a@nx.example.", "mail.example.net"),  # empty label: malformed, no record
+        ("a@" + "x" * 64 + ".example", "mail.example.net"),
+        ("a@-bad_name!.example", "mail.example.net"),  # c-ares would refuse it
+        ("nx.example", "mail.example.net"),  # no "@": the whole sender is the domain
+        ("a@b@nx.example", "mail.example.net"),  # pyspf splits at the first "@"
+        ("@nx.example", "mail.example.net"),
+        ("a@", "mail.example.net"),
+        ("", ""),
+    ],
+)
+@pytest.mark.parametrize("ip", ["192.0.2.1", "2001:db8::1"])
+def test_the_no_record_shortcut_is_exactly_pyspf(ip: str, sender: str, helo: str) -> None:
+    """Whenever ``without_record`` answers, pyspf over the same cache says ``none`` for
+    the same domain, with nothing else to report; when it declines, pyspf has work to do."""
+    resolver = resolver_with(_SHORTCUT_ZONE)
+    shortcut = without_record(resolver, sender, helo)
+    view = View(resolver)
+    try:
+        evaluation = evaluate_once(view, ip, sender, helo, receiver="mx.test", now=0)
+    except NeedRecords:
+        assert shortcut is None
+        return
+    if shortcut is None:  # here: a record, a failure, or two records
+        assert evaluation.result != "none", evaluation
+        return
+    domain, expires = shortcut
+    assert (evaluation.result, evaluation.domain) == ("none", domain)
+    assert (evaluation.explanation, evaluation.mechanism, evaluation.problem) == ("", "", "")
+    assert expires == view.expires

@@ -123,3 +123,8 @@ async def test_rfc7208(
     if "explanation" in case and outcome.result.value == "fail":
         explanation = outcome.explanation or "DEFAULT"
         assert explanation == case["explanation"]
+    # Again from the now warm DNS cache (no result cache): the same outcome, whether pyspf
+    # runs again or a domain without a record is answered from the cache alone.
+    warm = SpfCheck(check.config, check.resolver, hostname=check.receiver)
+    again = await warm.check(query(case["host"], case["mailfrom"], case["helo"]), 0.0)
+    assert (again.checked, again.greylist_domain) == (outcome.checked, outcome.greylist_domain)
