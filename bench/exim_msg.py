@@ -636,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "policyd", "--config", str(pd_conf)],
             str(pd_dir / "policyd.sock"),
             pd_dir,
+            env=servers.POLICYD_ENV,
         )
         daemons.append(pd)
         # No host name: test.conf has host_lookup off and this machine no resolver, so

@@ -132,6 +132,11 @@ def _die_with_parent() -> None:
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+#: The environment systemd/policyd.service gives the daemon: MALLOC_ARENA_MAX=2 keeps glibc
+#: from adding a malloc arena per worker thread (docs/memory.md), so RSS is measured as shipped.
+POLICYD_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+
+
 def _spawn(
     name: str,
     argv: list[str],
@@ -141,12 +146,14 @@ def _spawn(
     probe: bytes = b"",
     cwd: Path = REPO_DIR,
     preexec: Callable[[], None] = _raise_nofile,
+    env: dict[str, str] | None = None,
 ) -> Server:
     log = workdir / f"{name}.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(  # our own interpreter and files
             argv,
             cwd=cwd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
@@ -221,7 +228,7 @@ def redis_version(binary: str) -> str:
 def start_policyd(workdir: Path, config: Path, name: str = "policyd") -> Server:
     sock = str(workdir / f"{name}.sock")
     argv = [sys.executable, "-m", "policyd", "--config", str(config)]
-    return _spawn(name, argv, sock, workdir)
+    return _spawn(name, argv, sock, workdir, env=POLICYD_ENV)
 
 
 def stop(server: Server) -> int | None:

@@ -227,7 +227,7 @@ class SpfConfig:
     cache_size: int = opt(5_000, _positive)
     #: SPF results cached per (client IP, sender, HELO) until their DNS answers expire (LRU,
     #: ~0.5 KiB each): a repeat check costs a look-up instead of an evaluation.
-    result_cache_size: int = opt(2_000, _positive)
+    result_cache_size: int = opt(1_000, _positive)
     #: How long NXDOMAIN/NODATA answers are cached.
     negative_ttl: float = opt(300.0, _duration)
     #: ``null-sender``: the HELO identity is checked when MAIL FROM is <> (RFC 7208 §2.4);

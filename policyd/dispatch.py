@@ -93,6 +93,7 @@ class Dispatcher:
             for stage in (Stage.RCPT, Stage.DATA)
         )
         self._decision_counters: dict[tuple[str, str, str], Any] = {}
+        self._spf_counters: dict[tuple[str, str], Any] = {}
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
@@ -199,7 +200,11 @@ class Dispatcher:
             txn.spf = await self.spf.check(query, now)
             outcome = txn.spf
             if outcome.result is not None and outcome.identity is not None:
-                self.metrics.spf.labels(outcome.identity.value, outcome.result.value).inc()
+                labels = (outcome.identity._value_, outcome.result._value_)
+                counter = self._spf_counters.get(labels)
+                if counter is None:
+                    counter = self._spf_counters[labels] = self.metrics.spf.labels(*labels)
+                counter.inc()
         return txn.spf
 
     async def _greylist(
