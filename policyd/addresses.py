@@ -91,6 +91,8 @@ class NetworkSet:
         )
 
     def __contains__(self, address: IPAddress) -> bool:
+        if not self._ranges:
+            return False
         value, version = int(address), address.version
         return any(v == version and value & mask == base for v, base, mask in self._ranges)
 

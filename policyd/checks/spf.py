@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final
 
-from ..addresses import NetworkSet, normalise_sender
+from ..addresses import NetworkSet, ip_text, normalise_sender
 from ..config import SpfConfig
 from ..dns import Resolver
 from ..model import Action, Query, Verdict
@@ -84,7 +84,7 @@ TEMPERROR_FORGET_AFTER: Final = 86_400.0
 _FOREVER: Final = float("inf")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per check (see model.Query); treated as immutable
 class SpfOutcome:
     """Everything the dispatcher needs from one check.
 
@@ -210,7 +210,7 @@ class TempErrorMemory:
 # -- async shell -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per check; treated as immutable
 class _Evaluated:
     """What a check derives from DNS alone; reused until its first DNS answer expires."""
 
@@ -237,7 +237,7 @@ class SpfCheck:
         self.temperrors = TempErrorMemory(config.temperror_max_defers, config.temperror_max_time)
         self._results: OrderedDict[tuple[str, str, str], _Evaluated] = OrderedDict()
         self._guards: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
-        self._accepts: dict[Result, Verdict] = {}
+        self._accepts: dict[str, Verdict] = {}
 
     async def close(self) -> None:
         if self._owns_resolver:
@@ -257,7 +257,7 @@ class SpfCheck:
         if skip:
             return SpfOutcome(Verdict(Action.ACCEPT, check=CHECK, reason=skip), skipped=skip)
         sender = query.sender.strip().strip("<>")
-        client_ip, helo = str(query.client), query.helo.strip()
+        client_ip, helo = ip_text(query.client), query.helo.strip()
         key = (client_ip, sender, helo)
         evaluated = self._cached(key) or self._without_records(client_ip, sender, helo)
         if evaluated is None:
@@ -285,11 +285,12 @@ class SpfCheck:
     def _decide(self, checked: Checked, give_up: bool) -> Verdict:
         """``decide``, with its accepting verdicts (which depend on the result alone) made
         once per result instead of once per check."""
-        verdict = self._accepts.get(checked.result)
+        key = checked.result._value_  # an enum member hashes in Python code
+        verdict = self._accepts.get(key)
         if verdict is None:
             verdict = decide(checked, self.config, give_up=give_up)
-            if verdict.action is Action.ACCEPT and verdict.reason == checked.result.value:
-                self._accepts[checked.result] = verdict
+            if verdict.action is Action.ACCEPT and verdict.reason == key:
+                self._accepts[key] = verdict
         return verdict
 
     def _without_records(self, client_ip: str, sender: str, helo: str) -> _Evaluated | None:

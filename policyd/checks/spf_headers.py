@@ -33,7 +33,7 @@ class Identity(enum.Enum):
     HELO = "helo"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per check (see model.Query); treated as immutable
 class Checked:
     """One identity's SPF result and what the headers say about it."""
 
