@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import logging
 import os
@@ -50,7 +51,16 @@ class Limits:
 class QuestionProtocol(asyncio.Protocol):
     """One connection, one question, one answer."""
 
-    __slots__ = ("_buffer", "_done", "_server", "_task", "_timer", "_transport")
+    __slots__ = (
+        "_awaited",
+        "_buffer",
+        "_done",
+        "_server",
+        "_task",
+        "_timer",
+        "_transport",
+        "_waiting",
+    )
 
     def __init__(self, server: PolicyServer) -> None:
         self._server = server
@@ -58,6 +68,9 @@ class QuestionProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        #: The question's coroutine while it is suspended outside any task, and its future.
+        self._waiting: Coroutine[Any, Any, bytes] | None = None
+        self._awaited: tuple[asyncio.Future[Any], Callable[..., None]] | None = None
         self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,34 +126,74 @@ class QuestionProtocol(asyncio.Protocol):
             # Run the question right here, in the read callback: with the embedded store and
             # cached DNS it completes without suspending, and the answer is written without
             # a Task or another loop turn. If it suspends (a Redis round trip, a DNS query),
-            # a task finishes it. Nothing on the question path needs asyncio.current_task()
-            # before its first suspension (no asyncio.timeout there; tests cover each store).
-            try:
-                suspended_on = answering.send(None)
-            except StopIteration as done:
-                self._write_close(done.value)
-                return
-            self._task = server.loop.create_task(self._resume(answering, suspended_on))
+            # it is resumed from the awaited future's done callback, again without a Task.
+            # So nothing on the question path may need asyncio.current_task() (no
+            # asyncio.timeout there: the Redis batches and DNS queries run in tasks of their
+            # own; tests cover each store and SPF).
+            self._waiting = answering
+            self._step(answering)
             return
         self._task = server.loop.create_task(self._answer(answering))
 
     async def _answer(self, answering: Coroutine[Any, Any, bytes]) -> None:
         self._write_close(await answering)
 
-    async def _resume(self, answering: Coroutine[Any, Any, bytes], suspended_on: Any) -> None:
-        """Finish a coroutine that suspended after all (a task takes over from here)."""
-        self._write_close(await _drive(answering, suspended_on))
+    def _step(self, answering: Coroutine[Any, Any, bytes], _awaited: Any = None) -> None:
+        """Run the question's coroutine to its next suspension, as a Task step would: on a
+        future, resume when it is done; on a bare ``yield``, at the next loop turn."""
+        if self._waiting is not answering:
+            return  # answered already (deadline, shutdown): the coroutine was closed
+        self._awaited = None
+        try:
+            suspended_on = answering.send(None)
+        except StopIteration as done:
+            self._waiting = None
+            self._write_close(done.value)
+            return
+        except (Exception, asyncio.CancelledError):  # the dispatcher answers every error
+            self._waiting = None
+            logger.exception("question coroutine failed; answering fallback")
+            self._write_close(self._server.fallback("internal-error"))
+            return
+        if suspended_on is None:
+            self._server.loop.call_soon(self._step, answering)
+            return
+        if not getattr(suspended_on, "_asyncio_future_blocking", False):
+            # Only futures may be awaited on an asyncio loop (Task raises the same way).
+            self._stop_waiting(answering)
+            logger.error("question awaited %r, not a future; answering fallback", suspended_on)
+            self._write_close(self._server.fallback("internal-error"))
+            return
+        suspended_on._asyncio_future_blocking = False
+        resume = functools.partial(self._step, answering)
+        self._awaited = (suspended_on, resume)
+        suspended_on.add_done_callback(resume)
+
+    def _stop_waiting(self, answering: Coroutine[Any, Any, bytes]) -> None:
+        """Abandon a suspended question as Task.cancel would: the future it waits on is
+        cancelled and the coroutine gets CancelledError at its await, so its cleanup runs;
+        then it is closed."""
+        self._waiting = None
+        awaited, self._awaited = self._awaited, None
+        if awaited is not None:
+            future, resume = awaited
+            future.remove_done_callback(resume)
+            future.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            answering.throw(asyncio.CancelledError())
+        answering.close()
 
     def _on_deadline(self) -> None:
         logger.warning("deadline of %.3fs passed; answering fallback", self._server.limits.deadline)
-        if self._task is not None:
-            self._task.cancel()
         self._finish_with(self._server.fallback("deadline"))
 
     def _finish_with(self, answer: bytes) -> None:
         self._done = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        waiting = self._waiting
+        if waiting is not None:
+            self._stop_waiting(waiting)
         self._write_close(answer)
 
     def _write_close(self, answer: bytes) -> None:
@@ -254,26 +307,6 @@ class PolicyServer:
         for srv in self._servers:
             await srv.wait_closed()
         self._servers.clear()
-
-
-async def _drive(coro: Coroutine[Any, Any, bytes], suspended_on: Any) -> bytes:
-    """Run a coroutine started outside any task to its end, as a Task would: wait for the
-    future it yielded, then resume it (``Future.__await__`` then returns the result or raises
-    the exception inside the coroutine). Cancellation closes it."""
-    while True:
-        try:
-            if suspended_on is None:  # a bare yield: just give the loop a turn
-                await asyncio.sleep(0)
-            else:
-                await asyncio.wait({suspended_on})
-        except asyncio.CancelledError:
-            coro.close()
-            raise
-        try:
-            suspended_on = coro.send(None)
-        except StopIteration as done:
-            result: bytes = done.value
-            return result
 
 
 def _refuse_if_live(path: Path) -> None:

@@ -306,8 +306,8 @@ async def test_eager_answering_survives_a_check_that_suspends(
     tmp_path: Path, failing: bool
 ) -> None:
     """In eager mode the question runs inside the read callback; a check that suspends after
-    all (a DNS wait, say) is handed to a task that finishes it, and a failure inside it still
-    reaches the coroutine, which answers."""
+    all (a DNS wait, say) is resumed when what it awaits is done, and a failure inside it
+    still reaches the coroutine, which answers."""
     from policyd.config import from_mapping
     from policyd.server import PolicyServer
 
@@ -332,5 +332,41 @@ async def test_eager_answering_survives_a_check_that_suspends(
     try:
         expected = b"ok fallback internal-error" if failing else b"ok late"
         assert await ask(str(tmp_path / "eager.sock"), b"rcpt ip=192.0.2.1\n") == expected
+    finally:
+        await server.stop(drain_timeout=1.0)
+
+
+async def test_deadline_cancels_a_suspended_question_like_a_task(tmp_path: Path) -> None:
+    """A question suspended outside any task when the deadline passes: the client gets the
+    fallback at the deadline, the future it awaited is cancelled and the coroutine gets
+    CancelledError at its await (its cleanup runs), as Task.cancel would do."""
+    from policyd.config import from_mapping
+    from policyd.server import PolicyServer
+
+    seen: list[str] = []
+    awaited: list[asyncio.Future[bytes]] = []
+
+    async def answerer(request: bytes) -> bytes:
+        never = asyncio.get_running_loop().create_future()
+        awaited.append(never)
+        try:
+            return await never
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    config = from_mapping(
+        {"server": {"socket": str(tmp_path / "slow.sock"), "deadline": "0.2s"}}
+    ).server
+    server = PolicyServer(config, answerer, lambda cause: b"ok fallback " + cause.encode())
+    await server.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        answer = await ask(str(tmp_path / "slow.sock"), b"rcpt ip=192.0.2.1\n")
+        waited = asyncio.get_running_loop().time() - started
+        assert answer == b"ok fallback deadline"
+        assert 0.15 < waited < 1.0
+        assert seen == ["cancelled"]
+        assert awaited[0].cancelled()
     finally:
         await server.stop(drain_timeout=1.0)
