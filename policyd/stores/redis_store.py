@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 #: Pipelines on the wire at once (one connection each); more only made batches smaller.
 MAX_IN_FLIGHT: Final = 1
+#: Distinct Timing objects whose script arguments are kept (few exist; a bound all the same).
+MAX_TIMINGS_CACHED: Final = 64
 #: Questions in one pipeline at most; more wait for the next one.
 MAX_BATCH: Final = 256
 #: Errors that mean "Redis cannot serve now" (not "this command is wrong"): unreachable,
@@ -141,6 +143,7 @@ class RedisStore(RedisAdmin):
         self.unavailable = 0
         self.client: Any = None
         self._pending: list[_Call] = []
+        self._timing_args: dict[int, tuple[Timing, tuple[str, ...]]] = {}
         self._flush_scheduled = False
         self._in_flight = 0
         self._sending = 0
@@ -200,17 +203,26 @@ class RedisStore(RedisAdmin):
     async def greylist_step(
         self, triplet_key: str, client_key: str, now: float, timing: Timing, force_pass: bool
     ) -> Step:
+        # The timing's arguments, by identity (a Timing hashes in Python code): the same few
+        # Timing objects come every time (greylisting's own, one per SPF softfail delay).
+        cached = self._timing_args.get(id(timing))
+        if cached is None or cached[0] is not timing:
+            if len(self._timing_args) >= MAX_TIMINGS_CACHED:
+                self._timing_args.clear()
+            cached = self._timing_args[id(timing)] = (
+                timing,
+                (
+                    repr(float(timing.delay)),
+                    repr(float(timing.retry_window)),
+                    repr(float(timing.max_age)),
+                    str(int(timing.auto_whitelist_after)),
+                ),
+            )
+        timing_args = cached[1]
         found = await self._eval(
             GREYLIST_STEP,
             (self.layout.triplet(triplet_key), self.layout.client(client_key)),
-            (
-                repr(float(now)),
-                repr(float(timing.delay)),
-                repr(float(timing.retry_window)),
-                repr(float(timing.max_age)),
-                str(int(timing.auto_whitelist_after)),
-                "1" if force_pass else "0",
-            ),
+            (repr(float(now)), *timing_args, "1" if force_pass else "0"),
         )
         return step(triplet_of(found[:4]), client_of(found[4:]), now, timing, force_pass=force_pass)
 
