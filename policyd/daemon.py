@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import logging.handlers
+import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -153,7 +154,9 @@ class Daemon:
             except Exception:  # housekeeping trouble must never stop the daemon
                 logger.exception("housekeeping failed; will retry")
             else:
-                metrics.auto_whitelisted.set(figures.get("auto_whitelisted", 0))
+                # NaN ("unknown", shown as no data) where the store cannot count cheaply
+                # (Redis: it would take a scan of the keyspace), never a misleading 0.
+                metrics.auto_whitelisted.set(figures.get("auto_whitelisted", math.nan))
                 expired = figures.get("expired_triplets", 0)
                 unretried = figures.get("expired_unretried", 0)
                 if expired:
