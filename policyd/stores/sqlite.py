@@ -187,33 +187,40 @@ class SQLiteStore(SQLiteAdmin):
         with contextlib.suppress(sqlite3.Error):
             self.db.execute("ROLLBACK")
 
+    def _open(self, *, schedule_commit: bool) -> None:
+        """Open the write transaction (if none is open) and, unless the caller commits it
+        itself, schedule its commit ``commit_interval`` later."""
+        if self._in_transaction:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._in_transaction = True
+        if schedule_commit:
+            self._commit_timer = asyncio.get_running_loop().call_later(
+                self.commit_interval, self._commit
+            )
+
+    def _failed(self, exc: sqlite3.Error) -> StoreUnavailable:
+        """Roll back after a failed statement; the error to raise (the fallback answers)."""
+        self._rollback(exc)
+        return StoreUnavailable(f"sqlite: {exc}")
+
     @contextlib.contextmanager
     def _statements(self, *, durable: bool = False) -> Iterator[None]:
         """Run statements in the open write transaction (opened, and its commit scheduled,
         if there is none). ``durable`` commits before returning (admin changes)."""
-        if not self._in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._in_transaction = True
-            if not durable:
-                loop = asyncio.get_running_loop()
-                self._commit_timer = loop.call_later(self.commit_interval, self._commit)
+        self._open(schedule_commit=not durable)
         try:
             yield
         except sqlite3.Error as exc:
-            self._rollback(exc)
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
+            raise self._failed(exc) from exc
         if durable:
             self._commit()
 
     def _begin(self) -> sqlite3.Cursor:
         """The cursor for the question path, in the open write transaction (opened, and
-        its commit scheduled ``commit_interval`` later, if there is none)."""
+        its commit scheduled, if there is none)."""
         if not self._in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._in_transaction = True
-            self._commit_timer = asyncio.get_running_loop().call_later(
-                self.commit_interval, self._commit
-            )
+            self._open(schedule_commit=True)
         cursor = self._cursor
         if cursor is None:
             cursor = self._cursor = self.db.cursor()
@@ -256,8 +263,7 @@ class SQLiteStore(SQLiteAdmin):
                     (client_key, c.passes, c.last_seen, result.client_expires),
                 )
         except sqlite3.Error as exc:
-            self._rollback(exc)
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
+            raise self._failed(exc) from exc
         return result
 
     async def ratelimit_step(self, charges: Sequence[Charge], now: float) -> list[Decision]:
@@ -279,8 +285,7 @@ class SQLiteStore(SQLiteAdmin):
                     ],
                 )
         except sqlite3.Error as exc:
-            self._rollback(exc)
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
+            raise self._failed(exc) from exc
         return decisions
 
     def expire(self, now: float) -> int:
