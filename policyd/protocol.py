@@ -11,6 +11,7 @@ import re
 import socket
 from typing import Final
 
+from .memo import IdentityMemo
 from .model import Action, IPAddress, Query, Stage, Verdict
 
 #: Protocol version carried in ``v=``; another value is refused rather than misread.
@@ -155,23 +156,14 @@ def safe_text(text: str) -> str:
     return _TEXT_UNSAFE.sub("?", text)[:MAX_REPLY_TEXT].strip()
 
 
-#: Answer bytes of recent verdicts, by identity: most answers come from verdict objects that
-#: are built once and shared (greylisting's, the whitelists'), so their bytes are too.
-#: Emptied when full; an entry holds its verdict, so an ``id`` is never reused while cached.
-_ANSWERS: Final[dict[int, tuple[Verdict, bytes]]] = {}
+#: Answers of recent verdicts, by identity: most answers come from verdict objects that are
+#: built once and shared (greylisting's, the whitelists'), so their bytes are too.
 ANSWER_CACHE_ENTRIES: Final = 256
 
 
 def format_answer(verdict: Verdict) -> bytes:
     """Answer bytes for Exim: verdict line, then header lines; never a trailing newline."""
-    cached = _ANSWERS.get(id(verdict))
-    if cached is not None and cached[0] is verdict:
-        return cached[1]
-    answer = _format_answer(verdict)
-    if len(_ANSWERS) >= ANSWER_CACHE_ENTRIES:
-        _ANSWERS.clear()
-    _ANSWERS[id(verdict)] = (verdict, answer)
-    return answer
+    return _answers(verdict)
 
 
 def _format_answer(verdict: Verdict) -> bytes:
@@ -192,6 +184,9 @@ def _format_answer(verdict: Verdict) -> bytes:
     lines = [first]
     lines.extend(header_lines(verdict.headers))
     return "\n".join(lines).encode("ascii")
+
+
+_answers: Final = IdentityMemo(_format_answer, ANSWER_CACHE_ENTRIES)
 
 
 def header_lines(headers: tuple[str, ...]) -> list[str]:

@@ -45,6 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..checks.greylist import Step, Timing, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
+from ..memo import IdentityMemo
 from . import StoreUnavailable
 from .breaker import CircuitBreaker
 from .redis_admin import RedisAdmin, client_of, triplet_of
@@ -108,6 +109,16 @@ class _Call:
         return (name, ref, str(len(self.keys)), *self.keys, *self.args)
 
 
+def _timing_arguments(timing: Timing) -> tuple[str, ...]:
+    """GREYLIST_STEP's ARGV[2..5]: the delays and the auto-whitelist threshold."""
+    return (
+        repr(float(timing.delay)),
+        repr(float(timing.retry_window)),
+        repr(float(timing.max_age)),
+        str(int(timing.auto_whitelist_after)),
+    )
+
+
 def pack(commands: Sequence[tuple[str | bytes, ...]]) -> bytes:
     """Commands in RESP (``*N``, then ``$LEN`` and the bytes of each argument), all in one
     buffer for one write. Our arguments are only ``str`` (UTF-8) and ``bytes``; redis-py's
@@ -143,7 +154,9 @@ class RedisStore(RedisAdmin):
         self.unavailable = 0
         self.client: Any = None
         self._pending: list[_Call] = []
-        self._timing_args: dict[int, tuple[Timing, tuple[str, ...]]] = {}
+        # The same few Timing objects come every time (greylisting's own, one per SPF
+        # softfail delay): their script arguments are formatted once.
+        self._timing_args = IdentityMemo(_timing_arguments, MAX_TIMINGS_CACHED)
         self._flush_scheduled = False
         self._in_flight = 0
         self._sending = 0
@@ -203,22 +216,7 @@ class RedisStore(RedisAdmin):
     async def greylist_step(
         self, triplet_key: str, client_key: str, now: float, timing: Timing, force_pass: bool
     ) -> Step:
-        # The timing's arguments, by identity (a Timing hashes in Python code): the same few
-        # Timing objects come every time (greylisting's own, one per SPF softfail delay).
-        cached = self._timing_args.get(id(timing))
-        if cached is None or cached[0] is not timing:
-            if len(self._timing_args) >= MAX_TIMINGS_CACHED:
-                self._timing_args.clear()
-            cached = self._timing_args[id(timing)] = (
-                timing,
-                (
-                    repr(float(timing.delay)),
-                    repr(float(timing.retry_window)),
-                    repr(float(timing.max_age)),
-                    str(int(timing.auto_whitelist_after)),
-                ),
-            )
-        timing_args = cached[1]
+        timing_args = self._timing_args(timing)
         found = await self._eval(
             GREYLIST_STEP,
             (self.layout.triplet(triplet_key), self.layout.client(client_key)),
