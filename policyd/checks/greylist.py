@@ -182,7 +182,7 @@ class Greylist:
         self.store = store
         self.whitelist_clients = NetworkSet(config.whitelist_clients)
         self.whitelist_recipients = AddressPatterns(config.whitelist_recipients)
-        # Answers for the statuses whose text does not depend on the time left.
+        # Shared answers, by status and worded wait (see verdict()), and per skip reason.
         self._verdicts: dict[tuple[str, str], Verdict] = {}
         self._skipped: dict[str, GreylistResult] = {}
 

@@ -30,6 +30,7 @@ from ..config import SpfConfig
 from ..dns import Resolver
 from ..model import Action, Query, Verdict
 from .spf_eval import (
+    NO_EXPIRY,
     Evaluation,
     Timeout,
     View,
@@ -81,7 +82,6 @@ MAX_TEMPERROR_ENTRIES: Final = 10_000
 #: A give-up entry older than temperror_max_time plus this is forgotten: a new outage weeks
 #: later starts deferring again.
 TEMPERROR_FORGET_AFTER: Final = 86_400.0
-_FOREVER: Final = float("inf")
 
 
 @dataclass(slots=True)  # not frozen: one per check (see model.Query); treated as immutable
@@ -298,7 +298,7 @@ class SpfCheck:
         (``without_record``: exactly pyspf's ``none``), from the DNS cache alone; None when
         pyspf has to run. Not kept in the result cache: this is about as cheap as a hit, and
         would only push out results that cost a pyspf run."""
-        expires = _FOREVER
+        expires = NO_EXPIRY
         checked: list[Checked] = []
         if not sender or self.config.helo == "first":
             if helo_is_checkable(helo):
@@ -342,7 +342,7 @@ class SpfCheck:
 
     async def _evaluate(self, client_ip: str, sender: str, helo: str, now: float) -> _Evaluated:
         deadline = asyncio.get_running_loop().time() + self.config.timeout
-        expires = float("inf")
+        expires = NO_EXPIRY
         checked: list[Checked] = []
         if not sender or self.config.helo == "first":
             one, expires = await self._identity(client_ip, "", helo, deadline, now)

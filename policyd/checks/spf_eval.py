@@ -56,7 +56,9 @@ _T = TypeVar("_T")
 _DEFAULT_EXPLANATIONS: Final = frozenset(spf.EXPLANATIONS.values())
 _RE_SPF: Final = spf.RE_SPF  # what dns_spf takes for an SPF record
 _MAX_LABEL: Final = 63  # dns_spf's test for a malformed domain (RFC 1035 §2.3.4)
-_FOREVER: Final = float("inf")
+#: The expiry of a result no DNS answer bounds (yet): a view before its first answer, a
+#: domain that cannot have a record.
+NO_EXPIRY: Final = float("inf")
 
 
 class NeedRecords(Exception):
@@ -74,7 +76,7 @@ class View:
         self.missing: set[Key] = set()
         #: When the first pinned answer expires: a result derived from this view is valid
         #: until then (resolver clock).
-        self.expires = float("inf")
+        self.expires = NO_EXPIRY
 
     def get(self, name: str, rtype: str) -> Answer | None:
         key = (normalise_name(name), rtype)
@@ -245,10 +247,10 @@ def without_record(resolver: Resolver, sender: str, helo: str) -> tuple[str, flo
     domain = spf.split_email(sender, helo)[1]
     for label in domain.split("."):  # dns_spf: a malformed domain has no record
         if not label or len(label) > _MAX_LABEL:
-            return domain.lower(), _FOREVER
+            return domain.lower(), NO_EXPIRY
     name = normalise_name(domain)
     if not valid_name(name):  # _CachedQuery.dns: no data, not a void lookup
-        return domain.lower(), _FOREVER
+        return domain.lower(), NO_EXPIRY
     answer = resolver.peek(name, "TXT")
     if answer is None or answer.status is Status.TEMPFAIL:
         return None
