@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
-import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -349,11 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 servers.stop(server)
         shutil.rmtree(workdir, ignore_errors=True)
     report["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    md = summary_markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    servers.write_results(out, report, summary_markdown(report))
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import socket
 import sys
@@ -96,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['gap_ms']} | {r['round']} | {r['target']} | {r['p50_us']:.0f} | "
             f"{r['p90_us']:.0f} | {r['p99_us']:.0f} |"
         )
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "count": args.count}, indent=2))
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    servers.write_results(args.out, {"rows": rows, "count": args.count}, "\n".join(lines) + "\n")
     return 0
 
 

@@ -23,7 +23,6 @@ the harness, or to see the noise between two identical servers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -621,11 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"kept {workdir}", file=sys.stderr)
     report["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    md = summary_markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    servers.write_results(out, report, summary_markdown(report))
     return 0
 
 

@@ -11,6 +11,7 @@ VmHWM). The redis-server is the bench's own: a Unix socket in the temporary dire
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import resource
 import shutil
@@ -135,6 +136,16 @@ def _die_with_parent() -> None:
 #: The environment systemd/policyd.service gives the daemon: MALLOC_ARENA_MAX=2 keeps glibc
 #: from adding a malloc arena per worker thread (docs/memory.md), so RSS is measured as shipped.
 POLICYD_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+
+
+def write_results(out: Path, report: object, markdown: str) -> None:
+    """A bench's results: the JSON at ``out``, the markdown summary beside it (``.md``),
+    the summary on stdout and both paths on stderr."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
 
 
 def _spawn(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import socket
 import sys
@@ -273,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             dns.stop()
     report["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    md = summary_markdown(report)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    servers.write_results(args.out, report, summary_markdown(report))
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import statistics
 import sys
@@ -233,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dns is not None:
             dns.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    servers.write_results(args.out, report, markdown(report))
     return 0
 
 
