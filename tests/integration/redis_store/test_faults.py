@@ -4,6 +4,7 @@ Redis is SIGKILLed, put to sleep, or restarted from its AOF."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import subprocess
 import time
@@ -59,13 +60,20 @@ class Load:
 
 
 async def _run_load(path: str, scenario: Any) -> Load:
+    """Run the load around ``scenario``. The askers measure latency in this process, so
+    this process must not pause them: its collector is off while they ask (a full
+    collection over the growing ``answers`` took 30-40 ms, every asker's "latency"), and a
+    scenario runs blocking steps (starting or reaping redis-server) in a thread."""
     load = Load(path)
+    gc.collect()
+    gc.disable()
     tasks = [asyncio.create_task(load.asker(n)) for n in range(ASKERS)]
     try:
         await scenario(load)
     finally:
         load.stop.set()
         await asyncio.gather(*tasks)
+        gc.enable()
     return load
 
 
@@ -82,10 +90,10 @@ def test_sigkill_under_load_answers_the_fallback_fast_and_recovers(
         await asyncio.sleep(0.5)
         marks["rss_before"] = rss_kib(daemon.process.pid)
         marks["killed"] = time.monotonic()
-        redis.kill(signal.SIGKILL)
+        await asyncio.to_thread(redis.kill, signal.SIGKILL)
         await asyncio.sleep(1.5)
         marks["rss_during"] = rss_kib(daemon.process.pid)
-        redis.start()
+        await asyncio.to_thread(redis.start)
         marks["restarted"] = time.monotonic()
         deadline = marks["restarted"] + RECOVERY_BUDGET
         while time.monotonic() < deadline:
