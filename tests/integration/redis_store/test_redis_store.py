@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -29,7 +30,7 @@ from policyd.stores import StoreUnavailable, open_store
 from policyd.stores.breaker import BreakerState
 from policyd.stores.keys import HashedStore
 from policyd.stores.redis_scripts import GREYLIST_STEP
-from policyd.stores.redis_store import RedisStore, is_outage, pack
+from policyd.stores.redis_store import GATHER_BATCH, GATHER_WAIT, RedisStore, is_outage, pack
 
 from .conftest import RedisLab, StoreOpener, store_config
 
@@ -92,20 +93,27 @@ async def test_every_key_has_a_ttl_and_the_documented_layout(
     assert 0 < ttls["mx:r:{rate}r|192.0.2.1"] <= 6000
 
 
+def count_pipelines(store: RedisStore) -> list[int]:
+    """Questions per pipeline written from now on."""
+    sent: list[int] = []
+    write = store._write
+
+    def counting(wire: Any, batch: Any) -> None:
+        sent.append(len(batch.calls))
+        write(wire, batch)
+
+    store._write = counting  # type: ignore[method-assign]
+    return sent
+
+
 async def test_questions_in_one_tick_share_a_pipeline(
     redis_lab: RedisLab, open_redis_store: StoreOpener
 ) -> None:
     server = redis_lab.server()
     store = await open_redis_store(server.url)
     assert isinstance(store, RedisStore)
-    sent: list[int] = []
-    send = store._send
-
-    async def counting(commands: list[tuple[str | bytes, ...]]) -> list[object]:
-        sent.append(len(commands))
-        return await send(commands)
-
-    store._send = counting  # type: ignore[method-assign]
+    await store.greylist_step(key("warm@example.org"), NET, T0, T, False)  # connected
+    sent = count_pipelines(store)
     results = await asyncio.gather(
         *(store.greylist_step(key(f"r{i}@example.org"), NET, T0, T, False) for i in range(300))
     )
@@ -113,6 +121,54 @@ async def test_questions_in_one_tick_share_a_pipeline(
     assert sum(sent) == 300
     assert len(sent) <= 2  # 256 per pipeline at most
     assert store.pending == 0
+
+
+async def test_questions_still_coming_are_gathered_into_one_pipeline(
+    redis_lab: RedisLab, open_redis_store: StoreOpener
+) -> None:
+    server = redis_lab.server()
+    store = await open_redis_store(server.url)
+    assert isinstance(store, RedisStore)
+    await store.greylist_step(key("warm@example.org"), NET, T0, T, False)
+    sent = count_pipelines(store)
+    # One new question per loop turn, as they come from separate connections.
+    tasks = []
+    for i in range(GATHER_BATCH):
+        tasks.append(asyncio.ensure_future(store.greylist_step(key(f"g{i}"), NET, T0, T, False)))
+        await asyncio.sleep(0)
+    assert all(r.status is Status.NEW for r in await asyncio.gather(*tasks))
+    assert sent == [GATHER_BATCH]
+    # A lone question is not held back for company that never comes.
+    sent.clear()
+    started = time.perf_counter()
+    await store.greylist_step(key("alone@example.org"), NET, T0, T, False)
+    assert sent == [1]
+    assert time.perf_counter() - started < GATHER_WAIT + 0.05
+
+
+async def test_a_late_reply_is_never_taken_for_a_later_question(
+    redis_lab: RedisLab, open_redis_store: StoreOpener
+) -> None:
+    server = redis_lab.server()
+    store = await open_redis_store(server.url, timeout="400ms", breaker_failures=5)
+    seen = key("seen@example.org")
+    assert (await store.greylist_step(seen, NET, T0, T, False)).status is Status.NEW
+    sleeper = threading.Thread(
+        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.6"), daemon=True
+    )
+    sleeper.start()
+    for attempt in range(100):  # until a question meets the sleeping Redis
+        try:
+            await store.greylist_step(key(f"fresh{attempt}@example.org"), NET, T0, T, False)
+        except StoreUnavailable as exc:
+            assert "no reply within" in str(exc)
+            break
+        await asyncio.sleep(0.01)
+    # Asked at once, before Redis wakes: the timed-out question's reply (a fresh key,
+    # nothing found: NEW) comes first, but this question must get its own: EARLY.
+    assert (await store.greylist_step(seen, NET, T0 + 10, T, False)).status is Status.EARLY
+    assert store.pending == 0
+    sleeper.join()
 
 
 async def test_script_cache_flush_is_transparent(
