@@ -103,14 +103,21 @@ def is_outage(exc: BaseException) -> bool:
 class _Call:
     """One queued script call and the future its question awaits."""
 
-    __slots__ = ("args", "future", "keys", "queued", "script")
+    __slots__ = ("args", "future", "keys", "queued", "resp", "script")
 
     def __init__(
-        self, script: Script, keys: Sequence[bytes], args: Sequence[str], loop: Any
+        self,
+        script: Script,
+        keys: Sequence[bytes],
+        args: Sequence[str],
+        loop: Any,
+        resp: bytes | None = None,
     ) -> None:
         self.script = script
         self.keys = keys
         self.args = args
+        #: The EVALSHA command in RESP, as it goes into a pipeline.
+        self.resp = resp if resp is not None else pack((self.command(),))
         self.future: asyncio.Future[Any] = loop.create_future()
         #: Loop time it was queued: its time budget runs from here, queueing included.
         self.queued: float = loop.time()
@@ -199,13 +206,32 @@ class _Wire(asyncio.Protocol):
         self.store._drop(self, exc or RedisConnectionError("connection closed by redis"))
 
 
-def _timing_arguments(timing: Timing) -> tuple[str, ...]:
-    """GREYLIST_STEP's ARGV[2..5]: the delays and the auto-whitelist threshold."""
-    return (
+def _timing_arguments(timing: Timing) -> tuple[tuple[str, ...], bytes]:
+    """GREYLIST_STEP's ARGV[2..5] (the delays and the auto-whitelist threshold), as text
+    and in RESP."""
+    args = (
         repr(float(timing.delay)),
         repr(float(timing.retry_window)),
         repr(float(timing.max_age)),
         str(int(timing.auto_whitelist_after)),
+    )
+    return args, b"".join(b"$%d\r\n%b\r\n" % (len(a), a.encode()) for a in args)
+
+
+def greylist_resp(keys: Sequence[bytes], now: str, timing_resp: bytes, force: str) -> bytes:
+    """One GREYLIST_STEP call by EVALSHA in RESP, what ``pack`` would make of it, but with
+    the fixed parts encoded once (the command, the SHA, the timing arguments)."""
+    triplet, client = keys
+    return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b$1\r\n%b\r\n" % (
+        _GREYLIST_HEAD,
+        len(triplet),
+        triplet,
+        len(client),
+        client,
+        len(now),
+        now.encode(),
+        timing_resp,
+        force.encode(),
     )
 
 
@@ -220,6 +246,12 @@ def pack(commands: Sequence[tuple[str | bytes, ...]]) -> bytes:
             data = arg.encode() if isinstance(arg, str) else arg
             out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
+
+
+#: The start of every GREYLIST_STEP call: 11 parts, EVALSHA, the SHA, two keys.
+_GREYLIST_HEAD: Final = b"*11\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$1\r\n2\r\n" % (
+    GREYLIST_STEP.sha.encode()
+)
 
 
 class RedisStore(RedisAdmin):
@@ -308,11 +340,15 @@ class RedisStore(RedisAdmin):
     async def greylist_step(
         self, triplet_key: str, client_key: str, now: float, timing: Timing, force_pass: bool
     ) -> Step:
-        timing_args = self._timing_args(timing)
-        found = await self._eval(
+        timing_args, timing_resp = self._timing_args(timing)
+        keys = (self.layout.triplet(triplet_key).encode(), self.layout.client(client_key).encode())
+        now_text = repr(float(now))
+        force = "1" if force_pass else "0"
+        found = await self._queue(
             GREYLIST_STEP,
-            (self.layout.triplet(triplet_key), self.layout.client(client_key)),
-            (repr(float(now)), *timing_args, "1" if force_pass else "0"),
+            keys,
+            (now_text, *timing_args, force),
+            greylist_resp(keys, now_text, timing_resp, force),
         )
         return step(triplet_of(found[:4]), client_of(found[4:]), now, timing, force_pass=force_pass)
 
@@ -324,7 +360,8 @@ class RedisStore(RedisAdmin):
         for c in charges:
             limit = c.limit
             args += [str(c.cost), repr(limit.interval), str(limit.burst), "1" if c.dry_run else "0"]
-        found = await self._eval(RATELIMIT_STEP, [self.layout.rate(c.key) for c in charges], args)
+        keys = [self.layout.rate(c.key).encode() for c in charges]
+        found = await self._queue(RATELIMIT_STEP, keys, args)
         states = [None if v is None else float(v) for v in found]
         decisions, _ = decide_all(states, charges, now)
         return decisions
@@ -342,16 +379,26 @@ class RedisStore(RedisAdmin):
     # --- batching -----------------------------------------------------------------------
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-        """Queue one script call for the next pipeline and wait for its reply."""
+        """Queue one script call for the next pipeline and wait for its reply. The keys are
+        encoded here, so a key that cannot be encoded fails its own question, not a batch."""
+        return await self._queue(script, [key.encode() for key in keys], args)
+
+    async def _queue(
+        self,
+        script: Script,
+        keys: Sequence[bytes],
+        args: Sequence[str],
+        resp: bytes | None = None,
+    ) -> Any:
+        """``_eval`` with the keys encoded, and ``resp`` the call already in RESP when the
+        caller has it."""
         loop = self._loop
         if self.client is None or loop is None:
             raise StoreUnavailable("redis store is not started")
         if not self.breaker.allow():
             self.unavailable += 1
             raise StoreUnavailable(f"circuit open, next probe in {self.breaker.retry_in():.2f}s")
-        # Encoded here, so a key that cannot be encoded fails its own question, not a batch.
-        encoded = [key.encode() for key in keys]
-        call = _Call(script, encoded, args, loop)
+        call = _Call(script, keys, args, loop, resp)
         self._pending.append(call)
         if not self._flush_scheduled and self._in_flight < MAX_IN_FLIGHT:
             self._flush_scheduled = True
@@ -400,8 +447,11 @@ class RedisStore(RedisAdmin):
     def _write(self, wire: _Wire, batch: _Batch) -> None:
         assert self._loop is not None
         batch.timer = self._loop.call_at(batch.deadline, self._expired, wire)
-        by_body = batch.by_body
-        wire.send(batch, pack([call.command(by_body) for call in batch.calls]))
+        if batch.by_body:
+            data = pack([call.command(by_body=True) for call in batch.calls])
+        else:
+            data = b"".join([call.resp for call in batch.calls])
+        wire.send(batch, data)
 
     def _expired(self, wire: _Wire) -> None:
         """The oldest batch on the wire ran out of time. The connection goes with it: a

@@ -30,7 +30,15 @@ from policyd.stores import StoreUnavailable, open_store
 from policyd.stores.breaker import BreakerState
 from policyd.stores.keys import HashedStore
 from policyd.stores.redis_scripts import GREYLIST_STEP
-from policyd.stores.redis_store import GATHER_BATCH, GATHER_WAIT, RedisStore, is_outage, pack
+from policyd.stores.redis_store import (
+    GATHER_BATCH,
+    GATHER_WAIT,
+    RedisStore,
+    _timing_arguments,
+    greylist_resp,
+    is_outage,
+    pack,
+)
 
 from .conftest import RedisLab, StoreOpener, store_config
 
@@ -319,6 +327,14 @@ def test_pipeline_packing_matches_redis_py() -> None:
     ]
     expected = b"".join(Connection().pack_commands(commands))
     assert pack(commands) == expected
+    # A greylisting call, encoded with its fixed parts prepared once, is the same bytes.
+    keys = (b"p:t:{192.0.2.0/24}|a@b|\xc3\xa9@d", b"p:c:{192.0.2.0/24}")
+    timing_args, timing_resp = _timing_arguments(T)
+    for force in ("0", "1"):
+        command = ("EVALSHA", GREYLIST_STEP.sha, "2", *keys, "1700000000.25", *timing_args, force)
+        assert greylist_resp(keys, "1700000000.25", timing_resp, force) == b"".join(
+            Connection().pack_commands([command])
+        )
 
 
 async def test_redis_killed_fails_fast_then_recovers(
