@@ -451,7 +451,10 @@ class RedisStore(RedisAdmin):
             data = pack([call.command(by_body=True) for call in batch.calls])
         else:
             data = b"".join([call.resp for call in batch.calls])
-        wire.send(batch, data)
+        try:
+            wire.send(batch, data)
+        except Exception as exc:  # the transport closed under us (connection_lost pending)
+            self._drop(wire, RedisConnectionError(f"write failed: {exc}"))
 
     def _expired(self, wire: _Wire) -> None:
         """The oldest batch on the wire ran out of time. The connection goes with it: a
