@@ -204,6 +204,13 @@ def ask_blocking(path: str, request: bytes) -> bytes:
 
 def admin(path: str, request: dict[str, Any]) -> Any:
     """One policyctl request on the admin socket; the result, or the test fails."""
+    reply = admin_reply(path, request)
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def admin_reply(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One policyctl request on the admin socket; the whole reply, failed or not."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(ANSWER_TIMEOUT)
         sock.connect(path)
@@ -214,9 +221,8 @@ def admin(path: str, request: dict[str, Any]) -> Any:
             if not chunk:
                 break
             answer += chunk
-    reply = json.loads(answer)
-    assert reply["ok"], reply
-    return reply["result"]
+    reply: dict[str, Any] = json.loads(answer)
+    return reply
 
 
 def daemon_policy(url: str, **greylist: Any) -> dict[str, dict[str, Any]]:

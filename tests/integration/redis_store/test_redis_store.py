@@ -423,7 +423,10 @@ async def test_busy_script_is_an_outage(redis_lab: RedisLab, open_redis_store: S
     started = time.perf_counter()
     with pytest.raises(StoreUnavailable, match="BUSY"):
         await store.greylist_step(key("b@x.org"), NET, T0, T, False)
-    assert time.perf_counter() - started < 0.1
+    # The BUSY reply is the answer (the match above), not the 400 ms budget running out:
+    # well under it, though a new connection's handshake meets Redis answering other
+    # clients only between slices of the running script (130 ms seen on a loaded machine).
+    assert time.perf_counter() - started < 0.3
     with server.client() as client:
         client.script_kill()
     thread.join()
