@@ -182,20 +182,23 @@ class Dispatcher:
 
     async def _rcpt(self, query: Query, now: float) -> Verdict:
         txn = self.txns.setdefault(query.txn, now)
-        spf = await self._spf(query, txn, now)
-        if spf is not None and spf.verdict.is_final:
-            return spf.verdict
+        # Each step is awaited only when it has work: a coroutine started for nothing costs.
+        spf = None
+        if self.spf is not None and not query.relay:
+            spf = await self._spf(query, txn, now)
+            if spf.verdict.is_final:
+                return spf.verdict
         # Greylisting before rate limits: a deferred attempt will come back, and must not be
         # counted against a flood limit twice.
         grey = await self._greylist(query, txn, now, spf)
-        if grey.is_final:
+        if grey.is_final or not self.ratelimit.rules:
             return grey
         return await self._ratelimit(query, txn, now) or grey
 
-    async def _spf(self, query: Query, txn: Transaction, now: float) -> SpfOutcome | None:
-        """SPF once per transaction (the sender is the same for every recipient)."""
-        if self.spf is None or query.relay:
-            return None
+    async def _spf(self, query: Query, txn: Transaction, now: float) -> SpfOutcome:
+        """SPF once per transaction (the sender is the same for every recipient); only
+        when SPF is on and the client is not a relay."""
+        assert self.spf is not None
         if txn.spf is None:
             txn.spf = await self.spf.check(query, now)
             outcome = txn.spf

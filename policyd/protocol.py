@@ -40,6 +40,8 @@ _INT_FIELDS: Final = {
 }
 _TOKEN_FIELDS: Final = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
 _B64, _INT, _TOKEN = 0, 1, 2
+#: Stage by its word: a dict look-up, where ``Stage(word)`` runs the enum's Python code.
+_STAGES: Final = {stage.value: stage for stage in Stage}
 #: key → (Query attribute, kind): one look-up per word of the request.
 _FIELDS: Final = {
     **{key: (attr, _B64) for key, attr in _B64_FIELDS.items()},
@@ -71,10 +73,9 @@ def parse_request(data: bytes) -> Query:
     words = line.split()
     if not words:
         raise ProtocolError("empty request")
-    try:
-        stage = Stage(words[0].lower())
-    except ValueError:
-        raise ProtocolError(f"unknown stage {words[0][:20]!r} (want rcpt or data)") from None
+    stage = _STAGES.get(words[0].lower())
+    if stage is None:
+        raise ProtocolError(f"unknown stage {words[0][:20]!r} (want rcpt or data)")
     fields: dict[str, str] = {}
     for word in words[1:]:
         key, sep, value = word.partition("=")
