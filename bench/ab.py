@@ -1,0 +1,166 @@
+"""Two builds of policyd side by side: the same load, interleaved rounds (A B A B …).
+
+What a code change is worth, measured on a shared, noisy machine: both daemons run at once
+(each from its own source tree, with its own store), each round asks A and then B with the
+Exim-like client, and the summary gives medians over rounds plus the median of the paired
+per-round ratios B/A, which the machine's drift between rounds affects least.
+
+    git worktree add /tmp/before HEAD~1
+    python3 bench/ab.py /tmp/before . [--store redis] [--concurrency 1,16] [--rounds 6]
+                        [--duration 1.5] [--out bench/results/ab.json]
+
+``--store sqlite`` (default) gives each daemon its own SQLite file; ``--store redis`` its
+own private redis-server (``servers.start_redis``), whose CPU per question is reported too.
+A tree is any directory holding a ``policyd`` package (a git worktree of another commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import servers
+from loadgen import run_load
+from workload import generate
+
+FIGURES = ("qps", "p50_us", "p99_us", "cpu_us_per_q", "store_cpu_us_per_q")
+
+
+def _revision(tree: Path) -> str:
+    """``git describe`` of a tree (with ``-dirty``), or '?' outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(tree), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return out.stdout.strip()
+
+
+def _start(name: str, tree: Path, workdir: Path, store: str) -> tuple[servers.Server, Any]:
+    """A daemon from ``tree`` with the bench config, and its redis-server (or None)."""
+    workdir.mkdir()
+    redis = servers.start_redis(workdir, name=f"redis-{name}") if store == "redis" else None
+    url = f"unix://{redis.socket}" if redis is not None else None
+    config = servers.policyd_config(workdir, max_connections=1024, name=name, store_url=url)
+    daemon = servers._spawn(
+        name,
+        [sys.executable, "-m", "policyd", "--config", str(config)],
+        str(workdir / f"{name}.sock"),
+        workdir,
+        cwd=tree,
+        env=servers.POLICYD_ENV,
+    )
+    return daemon, redis
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", type=Path, help="source tree of build A (the reference)")
+    ap.add_argument("b", type=Path, help="source tree of build B")
+    ap.add_argument("--store", choices=("sqlite", "redis"), default="sqlite")
+    ap.add_argument("--concurrency", default="16", help="e.g. 1,16")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--duration", type=float, default=1.5, help="seconds per run")
+    ap.add_argument("--size", type=int, default=100_000, help="questions in the workload")
+    ap.add_argument("--out", type=Path, default=servers.BENCH_DIR / "results" / "ab.json")
+    args = ap.parse_args()
+    trees = {"A": args.a.resolve(), "B": args.b.resolve()}
+    for tree in trees.values():
+        if not (tree / "policyd" / "__init__.py").is_file():
+            ap.error(f"{tree}: no policyd package there")
+    requests = generate(args.size, seed=1).packed()
+    report: dict[str, Any] = {
+        "store": args.store,
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "builds": {name: {"tree": str(t), "revision": _revision(t)} for name, t in trees.items()},
+        "results": {},
+    }
+    lines = [
+        f"# bench/ab.py — A {report['builds']['A']['revision']} vs "
+        f"B {report['builds']['B']['revision']}, {args.store} store",
+        "",
+        f"{args.rounds} interleaved rounds × {args.duration:g} s, medians over rounds; "
+        "B/A is the median of the per-round ratios of q/s.",
+        "",
+    ]
+    running: dict[str, tuple[servers.Server, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="policyd-ab-") as tmp:
+        try:
+            for name, tree in trees.items():
+                running[name] = _start(name, tree, Path(tmp) / name, args.store)
+            index = 0
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                rounds: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+                for _ in range(args.rounds):
+                    for name, (daemon, redis) in running.items():
+                        cpu = daemon.cpu_seconds()
+                        store_cpu = redis.cpu_seconds() if redis is not None else 0.0
+                        run = run_load(
+                            daemon.socket,
+                            requests,
+                            concurrency=concurrency,
+                            duration=args.duration,
+                            start_index=index,
+                            target=name,
+                        )
+                        index = run.next_index
+                        asked = max(1, run.issued)
+                        figures = run.to_dict()
+                        store_used = redis.cpu_seconds() - store_cpu if redis else 0.0
+                        rounds[name].append(
+                            {
+                                "qps": float(figures["qps"]),  # type: ignore[arg-type]
+                                "p50_us": float(figures["p50_us"]),  # type: ignore[arg-type]
+                                "p99_us": float(figures["p99_us"]),  # type: ignore[arg-type]
+                                "cpu_us_per_q": (daemon.cpu_seconds() - cpu) / asked * 1e6,
+                                "store_cpu_us_per_q": store_used / asked * 1e6,
+                            }
+                        )
+                medians = {
+                    name: {f: statistics.median(r[f] for r in rows) for f in FIGURES}
+                    for name, rows in rounds.items()
+                }
+                ratio = statistics.median(
+                    b["qps"] / a["qps"] for a, b in zip(rounds["A"], rounds["B"], strict=True)
+                )
+                report["results"][str(concurrency)] = {
+                    "rounds": rounds,
+                    "medians": medians,
+                    "b_over_a_qps": ratio,
+                }
+                lines += [
+                    f"## {concurrency} asker{'s' if concurrency != 1 else ''}",
+                    "",
+                    "| build | q/s | p50 µs | p99 µs | CPU/q µs | store CPU/q µs |",
+                    "|---|---|---|---|---|---|",
+                ]
+                for name, m in medians.items():
+                    lines.append(
+                        f"| {name} | {m['qps']:,.0f} | {m['p50_us']:.0f} | {m['p99_us']:.0f} "
+                        f"| {m['cpu_us_per_q']:.1f} | {m['store_cpu_us_per_q']:.1f} |"
+                    )
+                lines += ["", f"B/A q/s, paired median: {ratio:.3f}", ""]
+        finally:
+            for daemon, redis in running.values():
+                servers.stop(daemon)
+                if redis is not None:
+                    servers.stop(redis)
+    servers.write_results(args.out, report, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
