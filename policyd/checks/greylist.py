@@ -184,6 +184,7 @@ class Greylist:
         self.whitelist_recipients = AddressPatterns(config.whitelist_recipients)
         # Shared answers, by status and worded wait (see verdict()), and per skip reason.
         self._verdicts: dict[tuple[str, str], Verdict] = {}
+        self._worded: dict[int, str] = {}  # human_duration by the wait in whole seconds
         self._skipped: dict[str, GreylistResult] = {}
 
     def skip_reason(self, query: Query, recipient: str | None = None) -> str:
@@ -233,7 +234,16 @@ class Greylist:
 
         Answers are shared objects, cached by status and by the wait as the text words it
         ("4 minutes"): few distinct keys (bounded by ``VERDICT_CACHE_ENTRIES``)."""
-        wait = human_duration(retry_in) if status is Status.NEW or status is Status.EARLY else ""
+        wait = ""
+        if status is Status.NEW or status is Status.EARLY:
+            # Worded once per whole second (all human_duration looks at): a new triplet's
+            # wait is always the delay.
+            seconds = round(retry_in)
+            wait = self._worded.get(seconds, "")
+            if not wait:
+                if len(self._worded) >= VERDICT_CACHE_ENTRIES:
+                    self._worded.clear()
+                wait = self._worded[seconds] = human_duration(seconds)
         key = (status._value_, wait)  # _value_: an enum member hashes in Python code
         cached = self._verdicts.get(key)
         if cached is None:
