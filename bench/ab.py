@@ -54,15 +54,7 @@ def _start(name: str, tree: Path, workdir: Path, store: str) -> tuple[servers.Se
     redis = servers.start_redis(workdir, name=f"redis-{name}") if store == "redis" else None
     url = f"unix://{redis.socket}" if redis is not None else None
     config = servers.policyd_config(workdir, max_connections=1024, name=name, store_url=url)
-    daemon = servers._spawn(
-        name,
-        [sys.executable, "-m", "policyd", "--config", str(config)],
-        str(workdir / f"{name}.sock"),
-        workdir,
-        cwd=tree,
-        env=servers.POLICYD_ENV,
-    )
-    return daemon, redis
+    return servers.start_policyd(workdir, config, name=name, tree=tree), redis
 
 
 def main() -> int:

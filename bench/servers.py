@@ -236,10 +236,13 @@ def redis_version(binary: str) -> str:
     return out.stdout.strip() or "unknown"
 
 
-def start_policyd(workdir: Path, config: Path, name: str = "policyd") -> Server:
+def start_policyd(
+    workdir: Path, config: Path, name: str = "policyd", tree: Path = REPO_DIR
+) -> Server:
+    """The daemon as shipped (``POLICYD_ENV``), run from the source tree ``tree``."""
     sock = str(workdir / f"{name}.sock")
     argv = [sys.executable, "-m", "policyd", "--config", str(config)]
-    return _spawn(name, argv, sock, workdir, env=POLICYD_ENV)
+    return _spawn(name, argv, sock, workdir, cwd=tree, env=POLICYD_ENV)
 
 
 def stop(server: Server) -> int | None:

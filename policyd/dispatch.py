@@ -169,10 +169,7 @@ class Dispatcher:
         questions.inc()
         latency.observe(seconds)
         labels = (verdict.check or "-", verdict.reason or "-", verdict.action._value_)
-        counter = self._decision_counters.get(labels)
-        if counter is None:
-            counter = self._decision_counters[labels] = self.metrics.decisions.labels(*labels)
-        counter.inc()
+        _child(self._decision_counters, self.metrics.decisions, labels).inc()
 
     async def decide(self, query: Query) -> Verdict:
         now = self.clock()
@@ -204,10 +201,7 @@ class Dispatcher:
             outcome = txn.spf
             if outcome.result is not None and outcome.identity is not None:
                 labels = (outcome.identity._value_, outcome.result._value_)
-                counter = self._spf_counters.get(labels)
-                if counter is None:
-                    counter = self._spf_counters[labels] = self.metrics.spf.labels(*labels)
-                counter.inc()
+                _child(self._spf_counters, self.metrics.spf, labels).inc()
         return txn.spf
 
     async def _greylist(
@@ -282,3 +276,12 @@ class Dispatcher:
                 f"at {self.hostname}; {date}"
             )
         return Verdict(Action.ACCEPT, check="data", headers=tuple(headers))
+
+
+def _child(children: dict[Any, Any], family: Any, labels: tuple[str, ...]) -> Any:
+    """A metric family's child for ``labels``, looked up once: ``labels()`` costs more than
+    the increment itself. Few label sets exist (checks × reasons × actions)."""
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = family.labels(*labels)
+    return child

@@ -7,6 +7,7 @@ Nothing here reads a clock: ``now`` is always passed in.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -164,6 +165,11 @@ def human_duration(seconds: float) -> str:
     return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
+#: human_duration by whole seconds (all it looks at): a new triplet's wait is always the
+#: delay, so the words are made once, not per question.
+_worded_wait: Final = functools.lru_cache(maxsize=VERDICT_CACHE_ENTRIES)(human_duration)
+
+
 @dataclass(frozen=True, slots=True)
 class GreylistResult:
     """The verdict plus what the transaction memory and metrics need."""
@@ -184,7 +190,6 @@ class Greylist:
         self.whitelist_recipients = AddressPatterns(config.whitelist_recipients)
         # Shared answers, by status and worded wait (see verdict()), and per skip reason.
         self._verdicts: dict[tuple[str, str], Verdict] = {}
-        self._worded: dict[int, str] = {}  # human_duration by the wait in whole seconds
         self._skipped: dict[str, GreylistResult] = {}
 
     def skip_reason(self, query: Query, recipient: str | None = None) -> str:
@@ -236,14 +241,7 @@ class Greylist:
         ("4 minutes"): few distinct keys (bounded by ``VERDICT_CACHE_ENTRIES``)."""
         wait = ""
         if status is Status.NEW or status is Status.EARLY:
-            # Worded once per whole second (all human_duration looks at): a new triplet's
-            # wait is always the delay.
-            seconds = round(retry_in)
-            wait = self._worded.get(seconds, "")
-            if not wait:
-                if len(self._worded) >= VERDICT_CACHE_ENTRIES:
-                    self._worded.clear()
-                wait = self._worded[seconds] = human_duration(seconds)
+            wait = _worded_wait(round(retry_in))
         key = (status._value_, wait)  # _value_: an enum member hashes in Python code
         cached = self._verdicts.get(key)
         if cached is None:
