@@ -6,10 +6,11 @@ No sockets, no clock, no logging: every caller (server, tests, bench) shares thi
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import ipaddress
 import re
 import socket
-from typing import Final
+from typing import Any, Final
 
 from .memo import IdentityMemo
 from .model import Action, IPAddress, Query, Stage, Verdict
@@ -42,14 +43,21 @@ _TOKEN_FIELDS: Final = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
 _B64, _INT, _TOKEN = 0, 1, 2
 #: Stage by its word: a dict look-up, where ``Stage(word)`` runs the enum's Python code.
 _STAGES: Final = {stage.value: stage for stage in Stage}
-#: key → (Query attribute, kind): one look-up per word of the request.
+#: Query's fields in constructor order, and their defaults: a request fills a copy of the
+#: defaults by position, and Query is built from it positionally (cheaper than keywords).
+_QUERY_FIELDS: Final = [f.name for f in dataclasses.fields(Query)]
+_QUERY_DEFAULTS: Final[list[Any]] = [f.default for f in dataclasses.fields(Query)]
+_STAGE, _CLIENT, _RELAY, _RECIPIENT, _RECIPIENTS = (
+    _QUERY_FIELDS.index(name) for name in ("stage", "client", "relay", "recipient", "recipients")
+)
+#: key → (position in Query, kind): one look-up per word of the request.
 _FIELDS: Final = {
-    **{key: (attr, _B64) for key, attr in _B64_FIELDS.items()},
-    **{key: (attr, _INT) for key, attr in _INT_FIELDS.items()},
-    **{key: (attr, _TOKEN) for key, attr in _TOKEN_FIELDS.items()},
+    **{key: (_QUERY_FIELDS.index(attr), _B64) for key, attr in _B64_FIELDS.items()},
+    **{key: (_QUERY_FIELDS.index(attr), _INT) for key, attr in _INT_FIELDS.items()},
+    **{key: (_QUERY_FIELDS.index(attr), _TOKEN) for key, attr in _TOKEN_FIELDS.items()},
 }
-_TOKEN_RE: Final = re.compile(r"[!-~]{0,128}")
-_INT_RE: Final = re.compile(r"[0-9]{1,18}")
+_MAX_INT_DIGITS: Final = 18
+_MAX_TOKEN: Final = 128
 _TEXT_UNSAFE: Final = re.compile(r"[^\x20-\x7e]")
 _SMTP_CODE_DIGIT: Final = {Action.DEFER: "4", Action.REJECT: "5"}
 
@@ -59,7 +67,35 @@ class ProtocolError(ValueError):
 
 
 def parse_request(data: bytes) -> Query:
-    """Decode one request (with or without its trailing newline) into a normalised Query."""
+    """Decode one request (with or without its trailing newline) into a normalised Query.
+
+    One pass over the words. What is wrong is reported in a fixed order, whatever the order
+    of the words: the line's shape (stage, ``key=value`` words, repeated keys), then the
+    version (so a later version's values are never judged by this one's rules), ``ip=``,
+    the first bad value, a missing recipient."""
+    stage, words = _split(data)
+    values = _QUERY_DEFAULTS.copy()
+    seen, version, ip, bad_value = _read_words(words, values)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version[:10]!r}")
+    if ip is None:
+        raise ProtocolError("missing ip=")
+    values[_CLIENT] = normalise_ip(ip)
+    if bad_value:
+        raise ProtocolError(bad_value)
+    values[_STAGE] = stage
+    if "relay" in seen:
+        values[_RELAY] = values[_RELAY] != 0
+    recipients = values[_RECIPIENTS]
+    if isinstance(recipients, str):
+        values[_RECIPIENTS] = tuple(r.strip() for r in recipients.split(",") if r.strip())
+    if stage is Stage.RCPT and not values[_RECIPIENT]:
+        raise ProtocolError("rcpt request without a recipient (rcpt_b64=)")
+    return Query(*values)
+
+
+def _split(data: bytes) -> tuple[Stage, list[str]]:
+    """The stage and the words after it."""
     try:
         line = data.decode("ascii")
     except UnicodeDecodeError:
@@ -76,58 +112,59 @@ def parse_request(data: bytes) -> Query:
     stage = _STAGES.get(words[0].lower())
     if stage is None:
         raise ProtocolError(f"unknown stage {words[0][:20]!r} (want rcpt or data)")
-    fields: dict[str, str] = {}
-    for word in words[1:]:
+    del words[0]
+    return stage, words
+
+
+def _read_words(words: list[str], values: list[Any]) -> tuple[set[str], str, str | None, str]:
+    """Fill ``values`` (Query's fields by position) from the words. Shape errors raise at
+    once; the first bad value is returned (keys seen, v=, ip=, bad value) for the caller to
+    report after the version and the address."""
+    seen: set[str] = set()
+    version = PROTOCOL_VERSION
+    ip: str | None = None
+    bad_value = ""
+    fields = _FIELDS
+    for word in words:
         key, sep, value = word.partition("=")
         if not sep or not key:
             raise ProtocolError(f"word {word[:40]!r} is not key=value")
-        if key in fields:
+        if key in seen:
             raise ProtocolError(f"key {key[:20]!r} given twice")
-        fields[key] = value
-    return _build_query(stage, fields)
+        seen.add(key)
+        field = fields.get(key)
+        if field is None:  # v=, ip= and keys of later versions
+            if key == "v":
+                version = value
+            elif key == "ip":
+                ip = value
+        elif not bad_value:
+            index, kind = field
+            if kind == _B64:
+                if value:
+                    try:
+                        values[index] = _b64(value)
+                    except ValueError:
+                        bad_value = f"{key}= is not valid base64: {value[:40]!r}"
+            elif kind == _INT:
+                # The line is ASCII: isdigit() is [0-9] here.
+                if value.isdigit() and len(value) <= _MAX_INT_DIGITS:
+                    values[index] = int(value)
+                else:
+                    bad_value = f"{key}= is not a number: {value[:20]!r}"
+            # A word holds no whitespace: printable is [!-~] here.
+            elif value.isprintable() and len(value) <= _MAX_TOKEN:
+                values[index] = value
+            else:
+                bad_value = f"{key}= is not a printable token"
+    return seen, version, ip, bad_value
 
 
-def _build_query(stage: Stage, fields: dict[str, str]) -> Query:
-    version = fields.get("v", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {version[:10]!r}")
-    if "ip" not in fields:
-        raise ProtocolError("missing ip=")
-    values: dict[str, object] = {"stage": stage, "client": normalise_ip(fields["ip"])}
-    known = _FIELDS
-    for key, value in fields.items():
-        field = known.get(key)
-        if field is None:  # v=, ip= (done above) and keys of later versions
-            continue
-        attr, kind = field
-        if kind == _B64:
-            values[attr] = _b64(key, value)
-        elif kind == _INT:
-            if not _INT_RE.fullmatch(value):
-                raise ProtocolError(f"{key}= is not a number: {value[:20]!r}")
-            values[attr] = int(value)
-        else:
-            if not _TOKEN_RE.fullmatch(value):
-                raise ProtocolError(f"{key}= is not a printable token")
-            values[attr] = value
-    if "relay" in values:
-        values["relay"] = values["relay"] != 0
-    recipients = values.pop("recipients", None)
-    if isinstance(recipients, str):
-        values["recipients"] = tuple(r.strip() for r in recipients.split(",") if r.strip())
-    if stage is Stage.RCPT and not values.get("recipient"):
-        raise ProtocolError("rcpt request without a recipient (rcpt_b64=)")
-    return Query(**values)  # type: ignore[arg-type]  # keys and types checked above
-
-
-def _b64(key: str, value: str) -> str:
+def _b64(value: str) -> str:
     # What base64.b64decode(value, validate=True) does, without its wrappers (they cost more
     # than the decoding); the value is ASCII already (the request was decoded as ASCII).
-    try:
-        raw = binascii.a2b_base64(value, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError(f"{key}= is not valid base64: {value[:40]!r}") from None
-    return raw.decode("utf-8", errors="replace")
+    # binascii.Error is a ValueError.
+    return binascii.a2b_base64(value, strict_mode=True).decode("utf-8", errors="replace")
 
 
 def normalise_ip(text: str) -> IPAddress:

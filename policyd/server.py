@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Connections beyond max_connections × this are closed on accept instead of answered.
 HARD_CONNECTION_FACTOR = 2
+#: A deadline this close (seconds) counts as passed when the deadline timer fires.
+TIMER_SLACK = 0.001
 
 Answerer = Callable[[bytes], Coroutine[Any, Any, bytes]]
 Fallback = Callable[[str], bytes]
@@ -57,7 +59,6 @@ class QuestionProtocol(asyncio.Protocol):
         "_done",
         "_server",
         "_task",
-        "_timer",
         "_transport",
         "_waiting",
     )
@@ -66,7 +67,6 @@ class QuestionProtocol(asyncio.Protocol):
         self._server = server
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         #: The question's coroutine while it is suspended outside any task, and its future.
         self._waiting: Coroutine[Any, Any, bytes] | None = None
@@ -77,13 +77,12 @@ class QuestionProtocol(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self._transport = cast(asyncio.Transport, transport)
         server = self._server
-        server.open_connections.add(self)
-        if len(server.open_connections) > HARD_CONNECTION_FACTOR * server.limits.max_connections:
+        if len(server.open_connections) >= HARD_CONNECTION_FACTOR * server.limits.max_connections:
             # Far over the limit: shed at once so memory stays bounded; Exim then uses its
             # FAIL string (fail-open by default in our snippets).
             self._transport.close()
             return
-        self._timer = server.loop.call_later(server.limits.deadline, self._on_deadline)
+        server.watch(self)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -110,10 +109,7 @@ class QuestionProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._server.open_connections.discard(self)
-        self._server.connection_closed()
+        self._server.connection_closed(self)
 
     def _start(self, request: bytes) -> None:
         self._done = True
@@ -183,7 +179,11 @@ class QuestionProtocol(asyncio.Protocol):
             answering.throw(asyncio.CancelledError())
         answering.close()
 
-    def _on_deadline(self) -> None:
+    def on_deadline(self) -> None:
+        """The server's deadline check found this connection past its deadline."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # answered already; connection_lost is on its way
         logger.warning("deadline of %.3fs passed; answering fallback", self._server.limits.deadline)
         self._finish_with(self._server.fallback("deadline"))
 
@@ -200,8 +200,6 @@ class QuestionProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if self._timer is not None:
-            self._timer.cancel()
         transport.write(answer)
         transport.close()
 
@@ -223,7 +221,10 @@ class PolicyServer:
         self.limits = Limits.from_config(config)
         self.answerer = answerer
         self.fallback = fallback
-        self.open_connections: set[QuestionProtocol] = set()
+        #: Open connections → their deadline (loop time), in accept order: the deadline is
+        #: the same for all, so the first entry is always the next one due.
+        self.open_connections: dict[QuestionProtocol, float] = {}
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
         self._idle.set()
@@ -239,7 +240,30 @@ class PolicyServer:
         self._idle.clear()
         return QuestionProtocol(self)
 
-    def connection_closed(self) -> None:
+    def watch(self, proto: QuestionProtocol) -> None:
+        """Start a connection's deadline. One timer serves every connection: it is set for
+        the oldest one and, when it fires, answers those past their deadline and is set
+        again for the next (a timer per connection costs more than the question)."""
+        due = self.loop.time() + self.limits.deadline
+        self.open_connections[proto] = due
+        if self._deadline_timer is None:
+            self._deadline_timer = self.loop.call_at(due, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._deadline_timer = None
+        # uvloop's timers count whole milliseconds and may fire up to one early.
+        now = self.loop.time() + TIMER_SLACK
+        late = []
+        for proto, due in self.open_connections.items():
+            if due > now:
+                self._deadline_timer = self.loop.call_at(due, self._check_deadlines)
+                break
+            late.append(proto)
+        for proto in late:
+            proto.on_deadline()
+
+    def connection_closed(self, proto: QuestionProtocol) -> None:
+        self.open_connections.pop(proto, None)
         if not self.open_connections:
             self._idle.set()
 
@@ -307,6 +331,9 @@ class PolicyServer:
         for srv in self._servers:
             await srv.wait_closed()
         self._servers.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
 
 
 def _refuse_if_live(path: Path) -> None:

@@ -148,6 +148,36 @@ async def test_slow_client_gets_the_fallback_at_the_deadline(
     assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
 
 
+async def test_each_connection_gets_its_own_deadline(server_factory: ServerFactory) -> None:
+    """One timer serves all deadlines: staggered slow clients are each answered at their own
+    deadline, and a connection answered early does not move a later one's."""
+    srv = await server_factory(server={"deadline": DEADLINE}, **GOLDEN_CONFIG)
+    started = time.monotonic()
+    answered_early = await Question.connect(srv.socket)  # the oldest: answered at once
+    first = await Question.connect(srv.socket)
+    await asyncio.sleep(DEADLINE / 2)
+    second = await Question.connect(srv.socket)
+    try:
+        await answered_early.send(WHITELISTED.request)
+        assert await answered_early.answer() == WHITELISTED.answer
+
+        async def stall(question: Question) -> tuple[bytes, float]:
+            await question.send(WHITELISTED.request[:20])
+            async with asyncio.timeout(DEADLINE + 2):
+                got = await question.answer(half_close=False)
+            return got, time.monotonic() - started
+
+        (got1, at1), (got2, at2) = await asyncio.gather(stall(first), stall(second))
+    finally:
+        for question in (answered_early, first, second):
+            question.close()
+    assert got1 == got2 == b"ok fallback deadline"
+    assert DEADLINE * 0.9 <= at1 < DEADLINE * 1.4, at1
+    # The second was accepted DEADLINE/2 later: answered that much later, not with the first.
+    assert DEADLINE * 1.4 <= at2 < DEADLINE * 1.5 + 1.0, at2
+    await srv.wait_idle()
+
+
 async def test_garbage_gets_an_error_answer(server_factory: ServerFactory) -> None:
     srv = await server_factory(**GOLDEN_CONFIG)
     # No newline early in the garbage: the server would answer there and close on the rest.
