@@ -344,7 +344,7 @@ class RedisStore(RedisAdmin):
         keys = (self.layout.triplet(triplet_key).encode(), self.layout.client(client_key).encode())
         now_text = repr(float(now))
         force = "1" if force_pass else "0"
-        found = await self._queue(
+        found = await self._submit(
             GREYLIST_STEP,
             keys,
             (now_text, *timing_args, force),
@@ -361,7 +361,7 @@ class RedisStore(RedisAdmin):
             limit = c.limit
             args += [str(c.cost), repr(limit.interval), str(limit.burst), "1" if c.dry_run else "0"]
         keys = [self.layout.rate(c.key).encode() for c in charges]
-        found = await self._queue(RATELIMIT_STEP, keys, args)
+        found = await self._submit(RATELIMIT_STEP, keys, args)
         states = [None if v is None else float(v) for v in found]
         decisions, _ = decide_all(states, charges, now)
         return decisions
@@ -381,17 +381,20 @@ class RedisStore(RedisAdmin):
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
         """Queue one script call for the next pipeline and wait for its reply. The keys are
         encoded here, so a key that cannot be encoded fails its own question, not a batch."""
-        return await self._queue(script, [key.encode() for key in keys], args)
+        return await self._submit(script, [key.encode() for key in keys], args)
 
-    async def _queue(
+    def _submit(
         self,
         script: Script,
         keys: Sequence[bytes],
         args: Sequence[str],
         resp: bytes | None = None,
-    ) -> Any:
-        """``_eval`` with the keys encoded, and ``resp`` the call already in RESP when the
-        caller has it."""
+    ) -> asyncio.Future[Any]:
+        """Queue a call for the next pipeline; the future gets its reply. ``keys`` encoded,
+        ``resp`` the call already in RESP when the caller has it. A plain function, not a
+        coroutine: the question awaits the future itself, one frame less.
+
+        ``unavailable`` counts every call refused here or failed with StoreUnavailable."""
         loop = self._loop
         if self.client is None or loop is None:
             raise StoreUnavailable("redis store is not started")
@@ -403,11 +406,7 @@ class RedisStore(RedisAdmin):
         if not self._flush_scheduled and self._in_flight < MAX_IN_FLIGHT:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        try:
-            return await call.future
-        except StoreUnavailable:
-            self.unavailable += 1
-            raise
+        return call.future
 
     def _flush(self) -> None:
         """Send queued calls, one pipeline per free slot; but while questions keep coming
@@ -588,6 +587,7 @@ class RedisStore(RedisAdmin):
             if isinstance(reply, Exception):
                 answered = answered or not is_outage(reply)
                 if not call.future.done():
+                    self.unavailable += 1
                     call.future.set_exception(StoreUnavailable(f"redis: {reply}"))
             else:
                 answered = True
@@ -609,6 +609,7 @@ class RedisStore(RedisAdmin):
     def _fail(self, calls: Sequence[_Call], cause: str) -> None:
         for call in calls:
             if not call.future.done():
+                self.unavailable += 1
                 call.future.set_exception(StoreUnavailable(cause))
 
     async def _guard(self, operation: Awaitable[_T], budget: float | None = None) -> _T:
