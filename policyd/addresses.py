@@ -72,10 +72,13 @@ def client_network(address: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> st
 
 
 def ip_text(address: IPAddress) -> str:
-    """``str(address)``, with IPv6 formatted by ``inet_ntop`` (C) rather than ipaddress's
-    Python code. Both compress per RFC 5952; only under ``::/80`` (IPv4-compatible and
-    -mapped forms) does inet_ntop write dotted quads, so those keep ``str()``."""
-    if address.version == 4 or int(address) >> 48 == 0:
+    """``str(address)``, formatted by ``inet_ntoa`` / ``inet_ntop`` (C) rather than
+    ipaddress's Python code. Both compress IPv6 per RFC 5952; only under ``::/80``
+    (IPv4-compatible and -mapped forms) does inet_ntop write dotted quads, so those keep
+    ``str()``."""
+    if address.version == 4:
+        return socket.inet_ntoa(address.packed)  # str() joins the four bytes in Python
+    if int(address) >> 48 == 0:
         return str(address)
     return socket.inet_ntop(socket.AF_INET6, address.packed)
 
@@ -94,7 +97,10 @@ class NetworkSet:
         if not self._ranges:
             return False
         value, version = int(address), address.version
-        return any(v == version and value & mask == base for v, base, mask in self._ranges)
+        for v, base, mask in self._ranges:  # noqa: SIM110  # any() over a generator costs 2x
+            if v == version and value & mask == base:
+                return True
+        return False
 
     def __bool__(self) -> bool:
         return bool(self._ranges)

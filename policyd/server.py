@@ -87,8 +87,13 @@ class QuestionProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
-        self._buffer += data
         limit = self._server.limits.max_request_bytes
+        if not self._buffer:  # the usual case: the whole request in the first read
+            newline = data.find(b"\n", 0, limit)
+            if newline >= 0:
+                self._start(data if newline == len(data) - 1 else data[: newline + 1])
+                return
+        self._buffer += data
         # The request is the first line; whatever follows its newline is ignored, so the
         # answer never depends on how the bytes were split into reads.
         newline = self._buffer.find(b"\n", 0, limit)

@@ -89,5 +89,10 @@ def test_ip_text_is_str_for_every_ipv6_address(value: int) -> None:
     assert ip_text(address) == str(address)
 
 
-def test_ip_text_ipv4() -> None:
-    assert ip_text(ipaddress.IPv4Address("192.0.2.1")) == "192.0.2.1"
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+@example(0)
+@example(0x0A00_0001)  # 10.0.0.1: no leading zeros
+@example(2**32 - 1)
+def test_ip_text_is_str_for_every_ipv4_address(value: int) -> None:
+    address = ipaddress.IPv4Address(value)
+    assert ip_text(address) == str(address)
