@@ -94,6 +94,7 @@ class Dispatcher:
         )
         self._decision_counters: dict[tuple[str, str, str], Any] = {}
         self._spf_counters: dict[tuple[str, str], Any] = {}
+        self._ratelimit_counters: dict[tuple[str, str], Any] = {}
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
@@ -251,7 +252,8 @@ class Dispatcher:
             outcome = "allowed" if decision.outcome.allowed else "limited"
             if not decision.outcome.allowed and decision.charge.dry_run:
                 outcome = "would_limit"
-            self.metrics.ratelimit.labels(decision.charge.rule, outcome).inc()
+            labels = (decision.charge.rule, outcome)
+            _child(self._ratelimit_counters, self.metrics.ratelimit, labels).inc()
         if result.verdict is not None:
             if limiter.once_per_message(result.verdict.reason):
                 txn.rate_refused = result.verdict
