@@ -122,7 +122,8 @@ class StoreConfig:
     breaker_failures: int = opt(3, _positive)
     #: While open, one probe goes through this often; success closes the circuit.
     breaker_reset: float = opt(1.0, _positive_duration)
-    #: TLS (``rediss://``): CA bundle to verify the server, client certificate and key.
+    #: TLS (``rediss://``, ``rediss+sentinel://``, ``rediss+cluster://``): CA bundle to
+    #: verify the servers, client certificate and key.
     tls_ca_file: str = opt("", _conv_str)
     tls_cert_file: str = opt("", _conv_str)
     tls_key_file: str = opt("", _conv_str)

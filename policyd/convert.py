@@ -101,11 +101,13 @@ def _tcp(value: object, key: str) -> str:
 
 def _store_url(value: object, key: str) -> str:
     text = _conv_str(value, key)
-    if not re.match(r"(sqlite|redis|rediss|unix|redis\+sentinel|redis\+cluster)://", text):
-        raise ConfigError(f"{key}: unsupported store URL {text.split('://')[0]!r}")
-    if not text.startswith("sqlite://"):
-        from .stores.redis_url import parse_url  # standard library only; config is loaded
+    # standard library only, imported when a config is loaded
+    from .stores.redis_url import SCHEMES, parse_url
 
+    scheme, sep, _ = text.partition("://")
+    if not sep or (scheme != "sqlite" and scheme not in SCHEMES):
+        raise ConfigError(f"{key}: unsupported store URL {text.split('://')[0]!r}")
+    if scheme != "sqlite":
         try:
             parse_url(text)
         except ValueError as exc:

@@ -81,6 +81,8 @@ class RedisServer:
     port: int = 0
     options: tuple[str, ...] = ()
     sentinel: bool = False
+    #: The CA of a sentinel that listens over TLS only (its client() then speaks TLS).
+    tls_ca: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -160,6 +162,8 @@ class RedisServer:
     def client(self, **options: object) -> redis.Redis:
         """A synchronous client for test set-up and checks."""
         if self.sentinel:
+            if self.tls_ca is not None:
+                options = {"ssl": True, "ssl_ca_certs": str(self.tls_ca), **options}
             return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **options)  # type: ignore[arg-type]
         return redis.Redis(unix_socket_path=str(self.unix_socket), socket_timeout=5, **options)  # type: ignore[arg-type]
 
@@ -188,12 +192,67 @@ class RedisServer:
         return ""
 
 
-def sentinel_config(directory: Path, port: int, service: str, master: RedisServer) -> None:
-    """A sentinel watching ``master`` alone (quorum 1), quick to decide (tests)."""
+@dataclass(frozen=True)
+class TLSFiles:
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def options_pairs(self) -> list[tuple[str, str]]:
+        """The server side: this certificate; clients are not asked for one."""
+        return [
+            ("tls-cert-file", str(self.cert)),
+            ("tls-key-file", str(self.key)),
+            ("tls-ca-cert-file", str(self.ca)),
+            ("tls-auth-clients", "no"),
+        ]
+
+    def server_options(self, tls_port: int) -> tuple[str, ...]:
+        """redis-server arguments: TLS on ``tls_port``, and TLS to its master."""
+        pairs = [*self.options_pairs(), ("tls-port", str(tls_port)), ("tls-replication", "yes")]
+        return tuple(arg for name, value in pairs for arg in (f"--{name}", value))
+
+
+def make_certificates(directory: Path) -> TLSFiles:
+    """A CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
     directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key_file, csr, cert = (
+        directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
+    )
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    new_key = ["-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    run = [
+        ["req", "-x509", *new_key, "-keyout", ca_key, "-out", ca, "-subj", "/CN=test CA"],
+        ["req", *new_key, "-keyout", key_file, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"],
+    ]
+    run[-1] += ["-out", cert, "-days", "1", "-extfile", ext]
+    for args in run:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    return TLSFiles(ca, cert, key_file)
+
+
+def sentinel_config(
+    directory: Path,
+    port: int,
+    service: str,
+    master: RedisServer,
+    *,
+    tls: TLSFiles | None = None,
+) -> None:
+    """A sentinel watching ``master`` alone (quorum 1), quick to decide (tests). With
+    ``tls`` it listens on ``port`` over TLS only and speaks TLS to the master and replicas."""
+    directory.mkdir(parents=True, exist_ok=True)
+    listen = f"port {port}\n"
+    if tls is not None:
+        listen = f"port 0\ntls-port {port}\ntls-replication yes\n" + "".join(
+            f"{name} {value}\n" for name, value in tls.options_pairs()
+        )
     (directory / "sentinel.conf").write_text(
-        f"port {port}\n"
-        "bind 127.0.0.1\n"
+        listen + "bind 127.0.0.1\n"
         "daemonize no\n"
         f'dir "{directory}"\n'
         f'logfile "{directory / "sentinel.log"}"\n'
@@ -204,12 +263,16 @@ def sentinel_config(directory: Path, port: int, service: str, master: RedisServe
     )
 
 
-def create_cluster(nodes: list[RedisServer], timeout: float = 15.0) -> None:
-    """``redis-cli --cluster create`` over ``nodes`` (masters only), then wait until every
-    node says the cluster is ok."""
+def create_cluster(
+    nodes: list[RedisServer], timeout: float = 15.0, *, tls: TLSFiles | None = None
+) -> None:
+    """``redis-cli --cluster create`` over ``nodes`` (masters only; with ``tls``, over TLS
+    to the nodes' ``port``), then wait until every node says the cluster is ok."""
+    cli_tls = ["--tls", "--cacert", str(tls.ca)] if tls is not None else []
     subprocess.run(
         [
             require(REDIS_CLI),
+            *cli_tls,
             "--cluster",
             "create",
             *(node.address for node in nodes),

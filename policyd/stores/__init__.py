@@ -13,6 +13,7 @@ from ..checks.greylist import Client, GreylistStore, Timing, Triplet
 from ..checks.ratelimit import RateLimitStore
 from ..config import StoreConfig
 from ..lists import ListStore
+from .redis_url import SCHEMES as REDIS_SCHEMES
 
 
 class StoreUnavailable(Exception):
@@ -68,7 +69,7 @@ async def open_store(config: StoreConfig) -> Store:
         from .sqlite import SQLiteStore
 
         store = SQLiteStore.from_config(config)
-    elif scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+    elif scheme in REDIS_SCHEMES:
         try:
             from .redis_store import RedisStore
         except ImportError as exc:  # the optional extra: pip install policyd[redis]

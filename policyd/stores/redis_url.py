@@ -8,6 +8,8 @@ Forms (docs/redis.md), all options of one store class:
   credentials are the data nodes'; ``?sentinel_password=…`` (and ``sentinel_username``)
   authenticate to the sentinels themselves
 - ``redis+cluster://[user:pass@]h1[:p1],h2[:p2]`` — Cluster (seed nodes; db is always 0)
+- ``rediss+sentinel://`` and ``rediss+cluster://`` — the same over TLS (for Sentinel, to the
+  sentinels and to the data nodes alike)
 
 Parsing needs nothing but the standard library (the config validator uses it); the client
 library is imported only when a client is built.
@@ -23,7 +25,15 @@ from urllib.parse import parse_qs, unquote
 if TYPE_CHECKING:
     from ..config import StoreConfig
 
-SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+SCHEMES: Final = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
 DEFAULT_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 #: Query parameters a URL may carry.
@@ -103,23 +113,24 @@ def parse_url(url: str) -> RedisTarget:
     if not netloc:
         raise RedisURLError("no host")
     segments = [s for s in path.split("/") if s]
-    if scheme == "redis+sentinel":
+    tls = scheme.startswith("rediss")
+    if scheme.endswith("+sentinel"):
         if not segments or len(segments) > 2:
             raise RedisURLError("Sentinel URL needs /service_name[/db]")
         db = _db(segments[1]) if len(segments) == 2 else db
         hosts = _hosts(netloc, DEFAULT_SENTINEL_PORT)
-        return RedisTarget("sentinel", False, hosts, db=db, service=segments[0], **creds)
+        return RedisTarget("sentinel", tls, hosts, db=db, service=segments[0], **creds)
     if len(segments) > 1:
         raise RedisURLError("path must be /db")
     db = _db(segments[0]) if segments else db
     hosts = _hosts(netloc, DEFAULT_PORT)
-    if scheme == "redis+cluster":
+    if scheme.endswith("+cluster"):
         if db:
             raise RedisURLError("Redis Cluster has only database 0")
-        return RedisTarget("cluster", False, hosts, **creds)
+        return RedisTarget("cluster", tls, hosts, **creds)
     if len(hosts) > 1:
         raise RedisURLError("several hosts need redis+sentinel:// or redis+cluster://")
-    return RedisTarget("single", scheme == "rediss", hosts, db=db, **creds)
+    return RedisTarget("single", tls, hosts, db=db, **creds)
 
 
 def mask_url(url: str) -> str:
@@ -176,9 +187,11 @@ def build_client(target: RedisTarget, config: StoreConfig) -> Any:
                 "socket_timeout": config.timeout,
                 "socket_connect_timeout": config.timeout,
                 "retry": Retry(NoBackoff(), 0),
+                **tls,
             },
         )
-        return sentinel.master_for(target.service, redis_class=Redis, db=target.db, **common)
+        # ssl=True makes redis-py's sentinel pool use its SentinelManagedSSLConnection.
+        return sentinel.master_for(target.service, redis_class=Redis, db=target.db, **common, **tls)
     if target.unix_path:
         return Redis(unix_socket_path=target.unix_path, db=target.db, **common)
     host, port = target.hosts[0]

@@ -48,6 +48,11 @@ from policyd.stores.redis_url import RedisTarget, RedisURLError, mask_url, parse
                 "cluster", False, (("h1", 7000), ("h2", 7001)), username="user", password="pw"
             ),
         ),
+        (
+            "rediss+sentinel://a,b:26380/mymaster",
+            RedisTarget("sentinel", True, (("a", 26379), ("b", 26380)), service="mymaster"),
+        ),
+        ("rediss+cluster://h1:7000", RedisTarget("cluster", True, (("h1", 7000),))),
     ],
 )
 def test_documented_forms(url: str, expected: RedisTarget) -> None:
@@ -62,6 +67,8 @@ def test_documented_forms(url: str, expected: RedisTarget) -> None:
         ("redis://h1,h2", "several hosts"),
         ("redis+sentinel://h", "service_name"),
         ("redis+cluster://h/1", "only database 0"),
+        ("rediss+cluster://h/1", "only database 0"),
+        ("rediss+unix:///r.sock", "scheme"),
         ("unix://relative.sock", "absolute"),
         ("redis://h:99999", "port"),
         ("redis://h?timeout=1", "unknown URL parameter"),

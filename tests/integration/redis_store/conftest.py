@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from redis_server import (
     RedisServer,
+    TLSFiles,
     create_cluster,
     free_port,
     require,
@@ -61,15 +62,21 @@ class RedisLab:
         tcp: bool = False,
         cluster: bool = False,
         options: tuple[str, ...] = (),
+        tls: TLSFiles | None = None,
     ) -> RedisServer:
-        port = free_port(cluster) if tcp or cluster else 0
+        """With ``tls`` its loopback port speaks TLS only (``port`` is the TLS port)."""
+        port = free_port(cluster) if tcp or cluster or tls else 0
+        if tls is not None:
+            options = (*tls.server_options(port), *options, "--port", "0")
         server = RedisServer(self.root / name, port, options)
         self.made.append(server)
         return server.start()
 
-    def replica(self, master: RedisServer, name: str = "replica") -> RedisServer:
+    def replica(
+        self, master: RedisServer, name: str = "replica", *, tls: TLSFiles | None = None
+    ) -> RedisServer:
         replica = self.server(
-            name, tcp=True, options=("--replicaof", "127.0.0.1", str(master.port))
+            name, tcp=True, options=("--replicaof", "127.0.0.1", str(master.port)), tls=tls
         )
         wait_for(
             lambda: info(replica, "replication").get("master_link_status") == "up",
@@ -77,15 +84,23 @@ class RedisLab:
         )
         return replica
 
-    def sentinel(self, master: RedisServer, service: str, name: str = "sentinel") -> RedisServer:
+    def sentinel(
+        self,
+        master: RedisServer,
+        service: str,
+        name: str = "sentinel",
+        *,
+        tls: TLSFiles | None = None,
+    ) -> RedisServer:
         directory, port = self.root / name, free_port()
-        sentinel_config(directory, port, service, master)
-        sentinel = RedisServer(directory, port, sentinel=True)
+        sentinel_config(directory, port, service, master, tls=tls)
+        sentinel = RedisServer(directory, port, sentinel=True, tls_ca=tls.ca if tls else None)
         self.made.append(sentinel)
         return sentinel.start()
 
-    def cluster(self, masters: int = 3) -> list[RedisServer]:
+    def cluster(self, masters: int = 3, *, tls: TLSFiles | None = None) -> list[RedisServer]:
         require("redis-cli")
+        tls_bus = ("--tls-cluster", "yes") if tls is not None else ()
         nodes = [
             self.server(
                 f"node{i}",
@@ -97,11 +112,13 @@ class RedisLab:
                     str(self.root / f"node{i}" / "nodes.conf"),
                     "--cluster-node-timeout",
                     "2000",
+                    *tls_bus,
                 ),
+                tls=tls,
             )
             for i in range(masters)
         ]
-        create_cluster(nodes)
+        create_cluster(nodes, tls=tls)
         return nodes
 
     def close(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis_server import free_port
+from redis_server import free_port, make_certificates
 
 from policyd.checks.greylist import Status, Timing
 from policyd.checks.ratelimit import Charge, Limit
@@ -251,47 +250,14 @@ async def test_acl_user_and_password(
     assert "mx:***@" in caplog.text
 
 
-def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1 (openssl CLI)."""
-    ca_key, ca, key_file, csr, cert = (
-        directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
-    )
-    ext = directory / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    new_key = ["-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    run = [
-        ["req", "-x509", *new_key, "-keyout", ca_key, "-out", ca, "-subj", "/CN=test CA"],
-        ["req", *new_key, "-keyout", key_file, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"],
-    ]
-    run[-1] += ["-out", cert, "-days", "1", "-extfile", ext]
-    for args in run:
-        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-    return ca, cert, key_file
-
-
 async def test_tls_with_a_private_ca(
     redis_lab: RedisLab, open_redis_store: StoreOpener, tmp_path: Path
 ) -> None:
-    ca, cert, key_file = _make_certificates(tmp_path)
+    tls = make_certificates(tmp_path)
     port = free_port()
-    server = redis_lab.server(
-        "tls",
-        options=(
-            "--tls-port",
-            str(port),
-            "--tls-cert-file",
-            str(cert),
-            "--tls-key-file",
-            str(key_file),
-            "--tls-ca-cert-file",
-            str(ca),
-            "--tls-auth-clients",
-            "no",
-        ),
-    )
+    server = redis_lab.server("tls", options=tls.server_options(port))
     assert server.answers()
-    store = await open_redis_store(f"rediss://127.0.0.1:{port}", tls_ca_file=str(ca))
+    store = await open_redis_store(f"rediss://127.0.0.1:{port}", tls_ca_file=str(tls.ca))
     assert (await store.greylist_step(key("b@x.org"), NET, T0, T, False)).status is Status.NEW
     with pytest.raises(StoreUnavailable):  # not trusted without the CA
         await open_redis_store(f"rediss://127.0.0.1:{port}")
