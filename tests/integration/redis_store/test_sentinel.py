@@ -1,15 +1,17 @@
 """Sentinel: a master, a replica and a sentinel on loopback. The master is SIGKILLed; the
 daemon keeps answering (the fallback while the failover runs), then answers from the
-promoted replica with nothing lost."""
+promoted replica with nothing lost; in plain TCP and with every process on TLS only."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_server import make_certificates
 
 from .conftest import (
     DELAY,
@@ -33,16 +35,22 @@ SERVICE = "policyd-test"
 FAILOVER_TIMEOUT = 15.0
 
 
+@pytest.mark.parametrize("over_tls", [False, True], ids=["plain", "tls"])
 def test_failover_keeps_answering_and_loses_nothing(
-    redis_lab: RedisLab, daemon_factory: Any
+    redis_lab: RedisLab, daemon_factory: Any, tmp_path: Path, over_tls: bool
 ) -> None:
-    master = redis_lab.server("master", tcp=True)
-    replica = redis_lab.replica(master)
-    sentinel = redis_lab.sentinel(master, SERVICE)
+    """Over TLS every process listens on TLS only (``rediss+sentinel://``)."""
+    tls = make_certificates(tmp_path / "tls") if over_tls else None
+    master = redis_lab.server("master", tcp=True, tls=tls)
+    replica = redis_lab.replica(master, tls=tls)
+    sentinel = redis_lab.sentinel(master, SERVICE, tls=tls)
     with sentinel.client() as client:
         wait_for(lambda: len(client.sentinel_slaves(SERVICE)) == 1, "replica known to sentinel")
-    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}"
-    daemon = daemon_factory(**daemon_policy(url))
+    scheme = "rediss+sentinel" if tls else "redis+sentinel"
+    policy = daemon_policy(f"{scheme}://127.0.0.1:{sentinel.port}/{SERVICE}")
+    if tls is not None:
+        policy["store"]["tls_ca_file"] = str(tls.ca)
+    daemon = daemon_factory(**policy)
     daemon.start()
     passed = rcpt("198.51.100.7", "bob@test.example")
     assert ask_blocking(daemon.socket, passed).startswith(GREYLISTED)
