@@ -129,6 +129,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def filesystem_of(path: Path) -> str:
+    """The type of the file system holding ``path`` (``ext4``, ``tmpfs``…), from the
+    longest matching mount point in /proc/mounts; ``?`` when unknown."""
+    best, kind = "", "?"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    resolved = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def git_revision() -> str:
     try:
         out = subprocess.run(
@@ -224,7 +244,8 @@ def summary_markdown(report: dict) -> str:
         "",
         f"git {meta['git']}, Python {meta['python']}, {meta['cpus']} CPUs, client engine "
         f"`{meta['engine']}`, {meta['rounds']} interleaved rounds × {meta['duration_s']} s "
-        f"(order: {', '.join(meta['targets'])}), medians over rounds. "
+        f"(order: {', '.join(meta['targets'])}), medians over rounds; work directory on "
+        f"{meta.get('workdir_fs', '?')}. "
         "CPU/q = server CPU per question (µs). Connection per question unless labelled "
         "persistent.",
         "",
@@ -459,6 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"py-spy a daemon at c=16 (default policyd; or {REDIS_TARGET})",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="where the run's temporary directory goes (sockets, the SQLite file, logs); "
+        "default the system's. On tmpfs (/dev/shm) the SQLite target's dirty pages are "
+        "never written back to a disk, so that writeback cannot land in other targets' "
+        "rounds (docs/performance.md)",
+    )
     args = parser.parse_args(argv)
 
     mode = "quick" if args.quick else "full"
@@ -482,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     del wl
 
-    workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-", dir=args.workdir))
     started: list[servers.Server] = []
     b: servers.Server | None = None
     report: dict = {}
@@ -589,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                 "target_b": name_b,
                 "targets": [t.name for t in targets],
                 "log_level": args.log_level or "default",
+                "workdir_fs": filesystem_of(workdir),
                 "elapsed_s": None,
             },
             "results": results,
