@@ -319,12 +319,34 @@ def test_any_verdict_gives_a_well_formed_answer(verdict: Verdict) -> None:
 
 # --- fuzzing parse_request ------------------------------------------------------------------
 
+#: The request keys as docs/protocol.md names them, by kind, and the Query field each fills:
+#: the fuzzing below draws its keys from them, and reference_parse (the grammar in two plain
+#: passes, the oracle for the daemon's one-pass parser) uses them.
+REFERENCE_B64 = {
+    "helo_b64": "helo",
+    "host_b64": "host",
+    "from_b64": "sender",
+    "rcpt_b64": "recipient",
+    "rcpts_b64": "recipients",
+    "auth_b64": "auth",
+}
+REFERENCE_COUNTS = {
+    "nrcpt": "nrcpt",
+    "size": "size",
+    "bodysize": "body_size",
+    "lines": "lines",
+    "port": "port",
+    "relay": "relay",
+}
+REFERENCE_TOKENS = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
+
+
 PRINTABLE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=24)
 TOKENS = st.from_regex(r"[!-~]{0,40}", fullmatch=True)
 COUNTS = st.integers(0, 10**18 - 1)
-B64_KEYS = ("helo_b64", "host_b64", "from_b64", "rcpt_b64", "rcpts_b64", "auth_b64")
-COUNT_KEYS = ("port", "nrcpt", "size", "bodysize", "lines")
-TOKEN_KEYS = ("txn", "conn", "msgid")
+B64_KEYS = tuple(REFERENCE_B64)
+COUNT_KEYS = tuple(k for k in REFERENCE_COUNTS if k != "relay")  # relay: a flag, not fuzzed
+TOKEN_KEYS = tuple(REFERENCE_TOKENS)
 #: Per key: (a good value, a bad one) as text.
 VALUES: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[str]]] = {
     "v": (st.just(PROTOCOL_VERSION), st.sampled_from(["2", "", "1.0", "01"])),
@@ -399,27 +421,6 @@ def test_parse_request_returns_a_query_or_raises_protocol_error(data: bytes) -> 
         assert str(exc)
     else:
         check_query(query)
-
-
-#: The request grammar as docs/protocol.md states it, in two plain passes: the oracle for
-#: the daemon's one-pass parser.
-REFERENCE_B64 = {
-    "helo_b64": "helo",
-    "host_b64": "host",
-    "from_b64": "sender",
-    "rcpt_b64": "recipient",
-    "rcpts_b64": "recipients",
-    "auth_b64": "auth",
-}
-REFERENCE_COUNTS = {
-    "nrcpt": "nrcpt",
-    "size": "size",
-    "bodysize": "body_size",
-    "lines": "lines",
-    "port": "port",
-    "relay": "relay",
-}
-REFERENCE_TOKENS = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
 
 
 def reference_parse(data: bytes) -> Query:

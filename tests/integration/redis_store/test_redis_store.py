@@ -100,8 +100,15 @@ async def test_every_key_has_a_ttl_and_the_documented_layout(
     assert 0 < ttls["mx:r:{rate}r|192.0.2.1"] <= 6000
 
 
-def count_pipelines(store: RedisStore) -> list[int]:
-    """Questions per pipeline written from now on."""
+async def counting_pipelines(
+    redis_lab: RedisLab, open_redis_store: StoreOpener
+) -> tuple[RedisStore, list[int]]:
+    """A connected store on a server of its own, and the questions per pipeline it writes
+    from now on."""
+    server = redis_lab.server()
+    store = await open_redis_store(server.url)
+    assert isinstance(store, RedisStore)
+    await store.greylist_step(key("warm@example.org"), NET, T0, T, False)  # connected
     sent: list[int] = []
     write = store._write
 
@@ -110,17 +117,13 @@ def count_pipelines(store: RedisStore) -> list[int]:
         write(wire, batch)
 
     store._write = counting  # type: ignore[method-assign]
-    return sent
+    return store, sent
 
 
 async def test_questions_in_one_tick_share_a_pipeline(
     redis_lab: RedisLab, open_redis_store: StoreOpener
 ) -> None:
-    server = redis_lab.server()
-    store = await open_redis_store(server.url)
-    assert isinstance(store, RedisStore)
-    await store.greylist_step(key("warm@example.org"), NET, T0, T, False)  # connected
-    sent = count_pipelines(store)
+    store, sent = await counting_pipelines(redis_lab, open_redis_store)
     results = await asyncio.gather(
         *(store.greylist_step(key(f"r{i}@example.org"), NET, T0, T, False) for i in range(300))
     )
@@ -133,11 +136,7 @@ async def test_questions_in_one_tick_share_a_pipeline(
 async def test_questions_still_coming_are_gathered_into_one_pipeline(
     redis_lab: RedisLab, open_redis_store: StoreOpener
 ) -> None:
-    server = redis_lab.server()
-    store = await open_redis_store(server.url)
-    assert isinstance(store, RedisStore)
-    await store.greylist_step(key("warm@example.org"), NET, T0, T, False)
-    sent = count_pipelines(store)
+    store, sent = await counting_pipelines(redis_lab, open_redis_store)
     # One new question per loop turn, as they come from separate connections.
     tasks = []
     for i in range(GATHER_BATCH):

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import contract.test_greylist_store as greylist_contract
 import pytest
 from redis_server import RedisServer, TLSFiles, make_certificates
 
-from policyd.checks.greylist import Status, Timing
 from policyd.stores import StoreUnavailable
 
 from .conftest import RedisLab, StoreOpener, wait_for
@@ -19,13 +19,6 @@ from .conftest import RedisLab, StoreOpener, wait_for
 pytestmark = pytest.mark.redis
 
 SERVICE = "policyd-tls"
-NET = "198.51.100.0/24"
-T0 = 1_800_000_000.0
-TIMING = Timing(delay=60.0, retry_window=3600.0, max_age=86400.0, auto_whitelist_after=0)
-
-
-def key(sender: str) -> str:
-    return f"{NET}|{sender}|rcpt@example.org"
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +27,10 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 
 
 async def greylists(open_redis_store: StoreOpener, url: str, ca: Path) -> None:
-    """A new triplet is deferred, passes after the delay, and is known afterwards."""
-    store = await open_redis_store(url, tls_ca_file=str(ca))
-    steps = [
-        await store.greylist_step(key("a@example.net"), NET, T0 + offset, TIMING, False)
-        for offset in (0.0, 61.0, 62.0)
-    ]
-    assert [step.status for step in steps] == [Status.NEW, Status.PASSED, Status.KNOWN]
+    """The contract suite's greylisting scenario (new, early, passed, known) through it."""
+    await greylist_contract.test_new_early_passed_known(
+        await open_redis_store(url, tls_ca_file=str(ca))
+    )
 
 
 async def test_sentinel_over_tls(
