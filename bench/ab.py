@@ -8,10 +8,14 @@ per-round ratios B/A, which the machine's drift between rounds affects least.
     git worktree add /tmp/before HEAD~1
     python3 bench/ab.py /tmp/before . [--store redis] [--concurrency 1,16] [--rounds 6]
                         [--duration 1.5] [--out bench/results/ab.json]
+    python3 bench/ab.py . . --python-b /usr/bin/python3 …   # one tree, two interpreters
 
 ``--store sqlite`` (default) gives each daemon its own SQLite file; ``--store redis`` its
 own private redis-server (``servers.start_redis``), whose CPU per question is reported too.
 A tree is any directory holding a ``policyd`` package (a git worktree of another commit).
+``--python-a`` / ``--python-b`` run a build's daemon on another interpreter (with policyd's
+dependencies installed; default the one running ab.py): the same tree twice then measures
+what the interpreter's build is worth.
 """
 
 from __future__ import annotations
@@ -48,13 +52,16 @@ def _revision(tree: Path) -> str:
     return out.stdout.strip()
 
 
-def _start(name: str, tree: Path, workdir: Path, store: str) -> tuple[servers.Server, Any]:
-    """A daemon from ``tree`` with the bench config, and its redis-server (or None)."""
+def _start(
+    name: str, tree: Path, python: str, workdir: Path, store: str
+) -> tuple[servers.Server, Any]:
+    """A daemon from ``tree`` on ``python`` with the bench config, and its redis-server
+    (or None)."""
     workdir.mkdir()
     redis = servers.start_redis(workdir, name=f"redis-{name}") if store == "redis" else None
     url = f"unix://{redis.socket}" if redis is not None else None
     config = servers.policyd_config(workdir, max_connections=1024, name=name, store_url=url)
-    return servers.start_policyd(workdir, config, name=name, tree=tree), redis
+    return servers.start_policyd(workdir, config, name=name, tree=tree, python=python), redis
 
 
 def main() -> int:
@@ -67,8 +74,16 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=1.5, help="seconds per run")
     ap.add_argument("--size", type=int, default=100_000, help="questions in the workload")
     ap.add_argument("--out", type=Path, default=servers.BENCH_DIR / "results" / "ab.json")
+    for side in ("a", "b"):
+        ap.add_argument(
+            f"--python-{side}",
+            default=sys.executable,
+            help=f"interpreter for build {side.upper()}'s daemon (default: this one)",
+        )
     args = ap.parse_args()
     trees = {"A": args.a.resolve(), "B": args.b.resolve()}
+    pythons = {"A": args.python_a, "B": args.python_b}
+    interpreters = {name: servers.interpreter(python) for name, python in pythons.items()}
     for tree in trees.values():
         if not (tree / "policyd" / "__init__.py").is_file():
             ap.error(f"{tree}: no policyd package there")
@@ -77,7 +92,11 @@ def main() -> int:
         "store": args.store,
         "rounds": args.rounds,
         "duration_s": args.duration,
-        "builds": {name: {"tree": str(t), "revision": _revision(t)} for name, t in trees.items()},
+        "builds": {
+            name: {"tree": str(t), "revision": _revision(t), "python": interpreters[name]}
+            for name, t in trees.items()
+        },
+        "client_python": servers.interpreter(sys.executable),
         "results": {},
     }
     lines = [
@@ -87,12 +106,15 @@ def main() -> int:
         f"{args.rounds} interleaved rounds × {args.duration:g} s, medians over rounds; "
         "B/A is the median of the per-round ratios of q/s.",
         "",
+        *(f"- {name}: Python {servers.describe(info)}" for name, info in interpreters.items()),
+        f"- clients: Python {servers.describe(report['client_python'])}",
+        "",
     ]
     running: dict[str, tuple[servers.Server, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="policyd-ab-") as tmp:
         try:
             for name, tree in trees.items():
-                running[name] = _start(name, tree, Path(tmp) / name, args.store)
+                running[name] = _start(name, tree, pythons[name], Path(tmp) / name, args.store)
             index = 0
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 rounds: dict[str, list[dict[str, float]]] = {"A": [], "B": []}

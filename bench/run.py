@@ -13,11 +13,12 @@ over the run, warm-up included; for policyd-redis also the redis-server's) and e
 RSS.
 
     python3 bench/run.py [--quick] [--out bench/results/NAME.json] [--profile [TARGET]]
-                         [--no-peers] [--no-redis]
+                         [--no-peers] [--no-redis] [--workdir DIR] [--python PYTHON]
 
 Writes NAME.json and NAME.md (the summary also printed to stdout). ``--quick`` takes well
 under 3 minutes; ``--stand-in floor`` measures a second floor in place of policyd (to test
-the harness, or to see the noise between two identical servers).
+the harness, or to see the noise between two identical servers). The header names the
+interpreter the servers ran on (``--python``) and the one the clients ran on.
 """
 
 from __future__ import annotations
@@ -236,13 +237,26 @@ def _row_md(name: str, m: dict, to_floor: dict | None) -> str:
     )
 
 
+def _interpreters(meta: dict) -> str:
+    """Which Python ran the servers and the clients (older results name only one)."""
+    server, client = meta.get("server_python"), meta.get("client_python")
+    if server is None or client is None:
+        return f"Python {meta['python']}"
+    if server == client:
+        return f"servers and clients on Python {servers.describe(server)}"
+    return (
+        f"servers on Python {servers.describe(server)}, clients on Python "
+        f"{servers.describe(client)}"
+    )
+
+
 def summary_markdown(report: dict) -> str:
     meta = report["meta"]
     b = meta["target_b"]
     lines = [
         f"# bench/run.py — {meta['mode']} mode, {meta['date']}",
         "",
-        f"git {meta['git']}, Python {meta['python']}, {meta['cpus']} CPUs, client engine "
+        f"git {meta['git']}, {meta['cpus']} CPUs; {_interpreters(meta)}; client engine "
         f"`{meta['engine']}`, {meta['rounds']} interleaved rounds × {meta['duration_s']} s "
         f"(order: {', '.join(meta['targets'])}), medians over rounds; work directory on "
         f"{meta.get('workdir_fs', '?')}. "
@@ -488,7 +502,18 @@ def main(argv: list[str] | None = None) -> int:
         "never written back to a disk, so that writeback cannot land in other targets' "
         "rounds (docs/performance.md)",
     )
+    parser.add_argument(
+        "--python",
+        help="the interpreter the floor and the policyd daemons run on (it needs policyd's "
+        "dependencies); default this one. The clients always run on this one. Measure with "
+        'the interpreter you deploy with (bench/README.md, "Which Python")',
+    )
     args = parser.parse_args(argv)
+    if args.python:
+        servers.SERVER_PYTHON = args.python
+    server_python = servers.interpreter(servers.SERVER_PYTHON)
+    client_python = servers.interpreter(sys.executable)
+    print(f"servers on Python {servers.describe(server_python)}", file=sys.stderr)
 
     mode = "quick" if args.quick else "full"
     cfg = dict(MODES[mode])
@@ -608,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                 "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                 "git": git_revision(),
                 "python": platform.python_version(),
+                "server_python": server_python,
+                "client_python": client_python,
                 "cpus": os.cpu_count(),
                 "engine": args.engine,
                 "rounds": cfg["rounds"],

@@ -32,6 +32,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 REDIS_SERVER = "redis-server"
+#: The interpreter the servers under test (floor.py, policyd) run on: the bench's own unless
+#: a bench's ``--python`` says otherwise. The daemon's CPU per question depends on the
+#: interpreter's build (bench/README.md, "Which Python").
+SERVER_PYTHON = sys.executable
 #: linux/prctl.h: signal the child gets when its parent dies.
 PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
@@ -200,9 +204,11 @@ def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S, *, probe: bytes
     raise RuntimeError(f"{server.name} not ready after {timeout}s:\n{server.log_tail()}")
 
 
-def start_floor(workdir: Path, *, stdlib_loop: bool = False, name: str = "floor") -> Server:
+def start_floor(
+    workdir: Path, *, stdlib_loop: bool = False, name: str = "floor", python: str = ""
+) -> Server:
     sock = str(workdir / f"{name}.sock")
-    argv = [sys.executable, str(BENCH_DIR / "floor.py"), "--socket", sock]
+    argv = [python or SERVER_PYTHON, str(BENCH_DIR / "floor.py"), "--socket", sock]
     if stdlib_loop:
         argv.append("--stdlib-loop")
     return _spawn(name, argv, sock, workdir)
@@ -237,12 +243,45 @@ def redis_version(binary: str) -> str:
 
 
 def start_policyd(
-    workdir: Path, config: Path, name: str = "policyd", tree: Path = REPO_DIR
+    workdir: Path, config: Path, name: str = "policyd", tree: Path = REPO_DIR, python: str = ""
 ) -> Server:
-    """The daemon as shipped (``POLICYD_ENV``), run from the source tree ``tree``."""
+    """The daemon as shipped (``POLICYD_ENV``), run from the source tree ``tree`` on
+    ``python`` (default ``SERVER_PYTHON``)."""
     sock = str(workdir / f"{name}.sock")
-    argv = [sys.executable, "-m", "policyd", "--config", str(config)]
+    argv = [python or SERVER_PYTHON, "-m", "policyd", "--config", str(config)]
     return _spawn(name, argv, sock, workdir, cwd=tree, env=POLICYD_ENV)
+
+
+_DESCRIBE = """
+import json, os, platform, sys
+with open("/proc/self/maps") as maps:
+    linked = "shared" if "/libpython" in maps.read() else "static"
+found = {}
+for name in ("uvloop", "hiredis", "redis"):
+    try:
+        found[name] = __import__(name).__version__
+    except Exception:
+        found[name] = None
+print(json.dumps({"path": os.path.realpath(sys.executable), "version": platform.python_version(),
+                  "libpython": linked, **found}))
+"""
+
+
+def interpreter(python: str) -> dict[str, str | None]:
+    """What ``python`` is: its real path, version, whether libpython is linked into the
+    executable ("static", as Debian's /usr/bin/python3.11) or loaded as a shared library
+    ("shared", as pyenv's default build), and the versions of uvloop, hiredis and redis-py it
+    would give the daemon (None: not installed)."""
+    out = subprocess.run([python, "-c", _DESCRIBE], capture_output=True, text=True, check=True)
+    info: dict[str, str | None] = json.loads(out.stdout)
+    return info
+
+
+def describe(info: dict[str, str | None]) -> str:
+    """One line for a result header: "3.11.2 (/usr/bin/python3.11, libpython static,
+    uvloop 0.23.0)"."""
+    loop = f"uvloop {info['uvloop']}" if info.get("uvloop") else "no uvloop"
+    return f"{info['version']} ({info['path']}, libpython {info['libpython']}, {loop})"
 
 
 def stop(server: Server) -> int | None:
