@@ -10,7 +10,9 @@ postgrey-persistent, floor, … with the Exim-like client of bench/loadgen.py, a
 concurrency the medians of q/s and latency percentiles, every target's ratio to the floor,
 policyd's ratio to each peer, CPU per question of each server (``/proc/PID/stat`` deltas
 over the run, warm-up included; for policyd-redis also the redis-server's) and each server's
-RSS.
+RSS. After each round of a target that keeps its state on disk (policyd on SQLite, postgrey)
+the bench waits ``SETTLE_S`` and syncs, so the next target's round does not carry that
+target's disk writeback; every round records the machine's writeback (``disk_written_kib``).
 
     python3 bench/run.py [--quick] [--out bench/results/NAME.json] [--profile [TARGET]]
                          [--no-peers] [--no-redis] [--workdir DIR] [--python PYTHON]
@@ -62,8 +64,25 @@ MEDIAN_KEYS = (
     "p999_us",
     "cpu_us_per_q",
     "store_cpu_us_per_q",
+    "disk_written_kib",
 )
 REDIS_TARGET = "policyd-redis"
+#: After each round of a target that keeps its state on disk (policyd on SQLite, postgrey),
+#: wait this long (more than policyd's 1 s WAL checkpoint interval), then sync(): its
+#: deferred writes (the checkpoint, the kernel's writeback of its dirty pages, ~50 MB per
+#: SQLite round at 16 askers) are done before the next target's round instead of inside it.
+SETTLE_S = 1.5
+
+
+def disk_written_kib() -> int:
+    """Pages the kernel has written back to disk so far, machine-wide (/proc/vmstat
+    ``nr_written``), in KiB."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key == "nr_written":
+                return int(value) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    return 0
 
 
 def measure(
@@ -84,6 +103,7 @@ def measure(
     (and the CPU of its ``store`` server, a redis-server, when it has one)."""
     store0 = store.cpu_seconds() if store else 0.0
     cpu0 = server.cpu_seconds()
+    written0 = disk_written_kib()
     res = run_load(
         server.socket,
         requests,
@@ -98,6 +118,8 @@ def measure(
     )
     cpu = server.cpu_seconds() - cpu0
     row = res.to_dict()
+    # Whoever caused it: writeback in another target's round is that round's noise.
+    row["disk_written_kib"] = disk_written_kib() - written0
     row["cpu_s"] = round(cpu, 3)
     # The CPU delta covers warm-up too, so divide by every question sent.
     row["cpu_us_per_q"] = round(cpu / res.issued * 1e6, 1) if res.issued else None
@@ -276,6 +298,18 @@ def summary_markdown(report: dict) -> str:
                 continue
             to_floor = None if name == "floor" else entry["to_floor"].get(name)
             lines.append(_row_md(name, entry[name]["median"], to_floor))
+        written = [
+            f"{name} {entry[name]['median']['disk_written_kib']:,.0f}"
+            for name in meta["targets"]
+            if entry.get(name, {}).get("median", {}).get("disk_written_kib") is not None
+        ]
+        if written:  # older results have no such figure
+            lines += [
+                "",
+                "Disk writeback during the rounds (machine-wide, median KiB per round): "
+                + ", ".join(written)
+                + ".",
+            ]
         if entry.get("vs_peers"):
             lines += [
                 "",
@@ -372,6 +406,7 @@ class Target:
         terminator: bytes | None = None,
         persistent: bool = False,
         store: servers.Server | None = None,
+        settle: bool = False,
     ) -> None:
         self.name = name
         self.server = server
@@ -380,6 +415,8 @@ class Target:
         self.persistent = persistent
         #: A server the target needs whose CPU is counted apart (policyd-redis: Redis).
         self.store = store
+        #: Keeps its state on disk: let its writes settle after each round (``SETTLE_S``).
+        self.settle = settle
         self.index = 0
 
 
@@ -440,9 +477,11 @@ def start_peers(
             targets.append(Target(name, srv, reqs))
         else:
             term = peers.POSTFIX_TERMINATOR
-            targets.append(Target(name, srv, reqs, terminator=term))
+            targets.append(Target(name, srv, reqs, terminator=term, settle=True))
             targets.append(
-                Target(f"{name}-persistent", srv, reqs, terminator=term, persistent=True)
+                Target(
+                    f"{name}-persistent", srv, reqs, terminator=term, persistent=True, settle=True
+                )
             )
             report_peers[f"{name}-persistent"] = {
                 "status": "measured",
@@ -552,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
             b = servers.start_policyd(workdir, conf)
         started.append(b)
         name_b = "policyd" if args.stand_in == "policyd" else "floor2"
-        targets = [Target("floor", floor, requests), Target(name_b, b, requests)]
+        targets = [
+            Target("floor", floor, requests),
+            Target(name_b, b, requests, settle=name_b == "policyd"),
+        ]
         if args.redis:
             redis_target, redis_servers = start_redis_target(
                 workdir, requests, args.log_level, report_redis
@@ -591,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
                         store=t.store,
                     )
                     t.index = res.next_index
+                    if t.settle:
+                        time.sleep(SETTLE_S)
+                        os.sync()
                     row["round"] = r
                     rows[t.name].append(row)
                     print(
