@@ -23,7 +23,7 @@ run:
 	$(PYTHON) -m policyd
 
 # bench: per question (floor, policyd, greylistd, postgrey) then per message through Exim;
-# < 3 minutes. Both write bench/results/*.json and *.md (see bench/README.md).
+# ~3.5 minutes. Both write bench/results/*.json and *.md (see bench/README.md).
 bench:
 	$(PYTHON) bench/run.py --quick
 	$(PYTHON) bench/exim_msg.py --quick
