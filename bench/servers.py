@@ -11,6 +11,7 @@ VmHWM). The redis-server is the bench's own: a Unix socket in the temporary dire
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import resource
@@ -267,6 +268,7 @@ print(json.dumps({"path": os.path.realpath(sys.executable), "version": platform.
 """
 
 
+@functools.cache  # one subprocess per interpreter, however many servers and sides use it
 def interpreter(python: str) -> dict[str, str | None]:
     """What ``python`` is: its real path, version, whether libpython is linked into the
     executable ("static", as Debian's /usr/bin/python3.11) or loaded as a shared library
