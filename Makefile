@@ -2,7 +2,7 @@
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 PYTEST_ARGS ?=
 
-.PHONY: check format lint types test bench bench-full run
+.PHONY: check format lint types test test-min bench bench-full run lock outdated fresh-check
 
 check: lint types test
 
@@ -18,6 +18,33 @@ types:
 
 test:
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The unit and contract tests, run by .ci/run in .venv-min (the lowest runtime versions).
+test-min:
+	$(PYTHON) -m pytest tests/unit tests/contract $(PYTEST_ARGS)
+
+# Regenerate requirements/*.txt from pyproject.toml with uv (itself locked in
+# requirements/lock-tools.txt); commit the result with a green CI (requirements/README.md).
+lock: .venv-lock/.ok
+	bash requirements/lock.sh
+
+.venv-lock/.ok: requirements/lock-tools.txt
+	rm -rf .venv-lock && /usr/bin/python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --require-hashes -r requirements/lock-tools.txt
+	touch $@
+
+# What newer releases exist for the locked packages (nothing changes until `make lock`).
+outdated:
+	$(PYTHON) -m pip list --outdated
+
+# What CI does, as a new machine would: a clone of the committed HEAD in a temporary
+# directory with ../shared beside it, Debian's python3 for the venvs, no pip cache, CI=true.
+fresh-check:
+	@git diff --quiet HEAD || echo "fresh-check: uncommitted changes are not part of the run"
+	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && git clone -q . "$$d/main" \
+	  && ln -s "$$(realpath ../shared)" "$$d/shared" && cd "$$d/main" \
+	  && env -u VIRTUAL_ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+	     PIP_NO_CACHE_DIR=1 CI=true bash .ci/run </dev/null
 
 run:
 	$(PYTHON) -m policyd

@@ -197,7 +197,8 @@ def run_loop(daemon: Daemon) -> int:
         import uvloop  # optional extra, imported only when running
     except ImportError:
         return asyncio.run(daemon.run())
-    return uvloop.run(daemon.run())
+    status: int = uvloop.run(daemon.run())
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

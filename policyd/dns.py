@@ -290,7 +290,7 @@ def _disable_ares_query_cache(resolver: Any, per_try: float, tries: int) -> None
     Should pycares' internals change, the check still works, with c-ares caching too: logged.
     """
     try:
-        from pycares import _ffi, _lib  # type: ignore[attr-defined]  # the cffi layer
+        from pycares import _ffi, _lib  # the cffi layer (private)
 
         channel = resolver._channel
         if not getattr(resolver, "_event_thread", False):

@@ -179,7 +179,7 @@ def build_client(target: RedisTarget, config: StoreConfig) -> Any:
         nodes = [ClusterNode(host, port) for host, port in target.hosts]
         return RedisCluster(startup_nodes=nodes, **common, **tls)
     if target.mode == "sentinel":
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        sentinel = Sentinel(
             list(target.hosts),
             sentinel_kwargs={
                 "username": target.sentinel_username,

@@ -1,0 +1,128 @@
+"""Canaries: one test per private internal of another library that policyd relies on.
+
+Each names the internal and the module that needs it, so that a dependency upgrade that
+removes or renames it fails here with that name, instead of somewhere deep in a store or
+resolver test (docs/decisions.md, "Private internals"). The locks pin what CI installs; a
+bump (`make lock`) that breaks one of these says exactly what to rework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import sys
+
+import pytest
+
+
+def test_asyncio_future_blocking_flag() -> None:
+    """policyd/server.py steps question coroutines itself: it reads and clears
+    ``Future._asyncio_future_blocking`` as asyncio's Task does."""
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        assert hasattr(future, "_asyncio_future_blocking"), (
+            "asyncio Future._asyncio_future_blocking"
+        )
+        assert future._asyncio_future_blocking is False
+        awaiting = future.__await__()
+        assert next(awaiting) is future  # a suspended await yields the future itself
+        assert future._asyncio_future_blocking is True, "set while an await is suspended on it"
+    finally:
+        loop.close()
+
+
+def test_redis_base_parser_parse_error() -> None:
+    """policyd/stores/redis_store.py parses replies with hiredis.Reader and builds errors with
+    redis-py's private ``redis._parsers.base.BaseParser.parse_error``."""
+    base = importlib.import_module("redis._parsers.base")
+    parse_error = base.BaseParser.parse_error
+    exceptions = importlib.import_module("redis.exceptions")
+    assert isinstance(parse_error("NOSCRIPT No matching script"), exceptions.NoScriptError)
+    assert isinstance(parse_error("ERR something"), exceptions.ResponseError)
+
+
+def test_redis_connection_stream_writer() -> None:
+    """policyd/stores/redis_store.py takes over a connected ``redis.asyncio.Connection``'s
+    private ``_writer`` (an asyncio StreamWriter) to drive the socket itself."""
+    connection = importlib.import_module("redis.asyncio.connection")
+    conn = connection.Connection()
+    assert hasattr(conn, "_writer"), "redis.asyncio.Connection._writer"
+    assert conn._writer is None  # set to a StreamWriter by connect()
+
+
+def test_hiredis_reader_options() -> None:
+    """policyd/stores/redis_store.py: hiredis.Reader with ``replyError`` and ``notEnoughData``
+    (public API of hiredis, checked with the parser it is given)."""
+    hiredis = importlib.import_module("hiredis")
+    sentinel = object()
+    reader = hiredis.Reader(replyError=ValueError, notEnoughData=sentinel)
+    assert reader.gets() is sentinel
+    reader.feed(b"-ERR x\r\n:1\r\n")
+    assert isinstance(reader.gets(), ValueError)
+    assert reader.gets() == 1
+
+
+def test_pycares_cffi_layer() -> None:
+    """policyd/dns.py switches off the c-ares query cache by building a channel through
+    pycares' private cffi layer (``pycares._ffi``, ``pycares._lib``) and swapping it into
+    ``aiodns.DNSResolver._channel`` (``Channel._channel`` under ``Channel._lock``)."""
+    pycares = importlib.import_module("pycares")
+    ffi, lib = pycares._ffi, pycares._lib
+    for name in (
+        "ares_init_options",
+        "ares_destroy",
+        "ARES_SUCCESS",
+        "ARES_EVSYS_DEFAULT",
+        "ARES_OPT_TIMEOUTMS",
+        "ARES_OPT_TRIES",
+        "ARES_OPT_EVENT_THREAD",
+    ):
+        assert hasattr(lib, name), f"pycares._lib.{name}"
+    options = ffi.new("struct ares_options *")
+    for field in ("timeout", "tries", "qcache_max_ttl", "evsys"):
+        assert hasattr(options, field), f"struct ares_options.{field} in pycares._ffi"
+
+
+def test_aiodns_resolver_channel() -> None:
+    """policyd/dns.py: ``aiodns.DNSResolver._channel`` (a pycares Channel with ``_channel``
+    and ``_lock``) and ``DNSResolver._event_thread``."""
+    aiodns = importlib.import_module("aiodns")
+
+    async def build() -> None:
+        resolver = aiodns.DNSResolver(nameservers=["127.0.0.1"])
+        try:
+            assert getattr(resolver, "_event_thread", False), "aiodns DNSResolver._event_thread"
+            channel = resolver._channel
+            assert hasattr(channel, "_channel"), "pycares Channel._channel"
+            assert hasattr(channel, "_lock"), "pycares Channel._lock"
+        finally:
+            await resolver.close()
+
+    asyncio.run(build())
+
+
+def test_pyspf_dns_driver_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """policyd/checks/spf_eval.py hides ``dns`` (dnspython) from pyspf's import so that it
+    takes py3dns (``DNS``): pyspf must still import when ``import dns`` fails."""
+    for name in [m for m in sys.modules if m == "spf" or m == "dns" or m.startswith("dns.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "dns", None)
+    spf = importlib.import_module("spf")
+    assert "DNS" in sys.modules, "pyspf imports py3dns when dnspython is hidden"
+    for name in ("query", "TempError", "PermError", "MAX_VOID_LOOKUPS"):
+        assert hasattr(spf, name), f"spf.{name}"
+
+
+def test_pyspf_query_methods_overridden() -> None:
+    """policyd/checks/spf_eval.py subclasses ``spf.query`` and replaces its DNS methods; the
+    names it overrides and the attributes it reads must still be pyspf's."""
+    spf = importlib.import_module("spf")
+    for name in ("dns", "dns_mx", "dns_a", "dns_ptr", "validated_ptrs", "cidrmatch", "check"):
+        assert callable(getattr(spf.query, name, None)), f"spf.query.{name}"
+    query = spf.query(i="192.0.2.1", s="a@example.org", h="mx.example.org", strict=True)
+    for name in ("void_lookups", "A", "i", "cidrmax"):
+        assert hasattr(query, name), f"spf.query().{name}"
+    # Set by check() to the mechanism that matched; read after the evaluation.
+    assert "self.mechanism = " in inspect.getsource(spf.query), "spf.query.mechanism"
