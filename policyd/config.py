@@ -73,7 +73,7 @@ class ServerConfig:
     socket_group: str = opt("", _conv_str)
     tcp: str = opt("", _tcp)
     #: Whole-connection budget, well under the 2 s readsocket timeout of our snippets.
-    deadline: float = opt(1.0, _duration)
+    deadline: float = opt(1.0, _positive_duration)
     max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, _positive)
     #: Open connections answered normally; Exim's own smtp_accept_max defaults to 20, so
     #: this leaves room for idle or slow clients without turning checks off.
@@ -110,7 +110,7 @@ class StoreConfig:
     cache_kib: int = opt(4096, _positive)
     #: Rows removed per expiry step; expiry runs in small steps, never stop-the-world.
     expire_batch: int = opt(500, _positive)
-    expire_interval: float = opt(10.0, _duration)
+    expire_interval: float = opt(10.0, _positive_duration)
     #: SQLite: questions share one write transaction this long (group commit).
     commit_interval: float = opt(0.005, _duration)
     # Redis (docs/redis.md); ignored by the embedded store unless noted.
@@ -138,8 +138,8 @@ class GreylistConfig:
 
     enabled: bool = opt(True, _conv_bool)
     delay: float = opt(300.0, _duration)
-    retry_window: float = opt(2 * 86400.0, _duration)
-    max_age: float = opt(35 * 86400.0, _duration)
+    retry_window: float = opt(2 * 86400.0, _positive_duration)
+    max_age: float = opt(35 * 86400.0, _positive_duration)
     auto_whitelist_after: int = opt(5, _conv_int)
     ipv4_prefix: int = opt(24, _prefix(32))
     ipv6_prefix: int = opt(64, _prefix(128))
@@ -221,9 +221,9 @@ class SpfConfig:
     #: DNS servers (``host:port``); empty: the system's (/etc/resolv.conf).
     nameservers: tuple[str, ...] = opt((), _nameservers)
     #: Total time budget of one check; then the result is temperror. Below [server] deadline.
-    timeout: float = opt(0.8, _duration)
+    timeout: float = opt(0.8, _positive_duration)
     #: One DNS query, c-ares retries included.
-    query_timeout: float = opt(0.5, _duration)
+    query_timeout: float = opt(0.5, _positive_duration)
     #: DNS answers cached at once (LRU, ~0.4 KiB each); bounds the cache's memory.
     cache_size: int = opt(5_000, _positive)
     #: SPF results cached per (client IP, sender, HELO) until their DNS answers expire (LRU,

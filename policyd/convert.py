@@ -6,6 +6,7 @@ dataclass fields through ``opt(default, converter)``.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Callable
 from dataclasses import field
@@ -18,6 +19,11 @@ from .model import IPNetwork
 DEFAULT_STATE_DIR: Final = Path("var")
 _DURATION_RE: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*")
 _UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+#: Longest duration any key accepts (10 years): far beyond every sensible retry window or
+#: rate period, and it keeps Redis TTLs (signed 64-bit milliseconds) and loop timers exact.
+MAX_DURATION: Final = 10 * 365 * 86400.0
+#: Highest TCP/UDP port number (RFC 793: a 16-bit field).
+MAX_PORT: Final = 65535
 
 
 class ConfigError(ValueError):
@@ -34,8 +40,14 @@ def parse_duration(value: object, key: str = "duration") -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ConfigError(f"{key}: expected seconds or a string like '90s', '5m', '2d'")
+    # TOML has nan and inf; a NaN delay compares false with everything and turns a check
+    # off silently, so non-finite values are refused here, once, for every duration.
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{key}: expected a finite number of seconds, got {value!r}")
     if seconds < 0:
         raise ConfigError(f"{key}: must not be negative")
+    if seconds > MAX_DURATION:
+        raise ConfigError(f"{key}: at most {MAX_DURATION:.0f} seconds (10 years)")
     return seconds
 
 
@@ -92,10 +104,24 @@ def _choice(*allowed: str) -> Callable[[object, str], str]:
     return conv
 
 
+def _port(text: str, key: str) -> None:
+    if int(text) > MAX_PORT:
+        raise ConfigError(f"{key}: port {text} is out of range (0-{MAX_PORT})")
+
+
 def _tcp(value: object, key: str) -> str:
     text = _conv_str(value, key)
-    if text and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):[0-9]{1,5}", text):
+    if not text:
+        return text
+    if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):[0-9]{1,5}", text):
         raise ConfigError(f"{key}: expected 'host:port' (e.g. '127.0.0.1:10031'), got {text!r}")
+    host, _, port = text.rpartition(":")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} is not an IP address") from None
+    _port(port, key)
     return text
 
 
@@ -104,9 +130,14 @@ def _store_url(value: object, key: str) -> str:
     # standard library only, imported when a config is loaded
     from .stores.redis_url import SCHEMES, parse_url
 
-    scheme, sep, _ = text.partition("://")
+    scheme, sep, rest = text.partition("://")
     if not sep or (scheme != "sqlite" and scheme not in SCHEMES):
         raise ConfigError(f"{key}: unsupported store URL {text.split('://')[0]!r}")
+    if scheme == "sqlite" and (not rest or rest.endswith("/")):
+        raise ConfigError(
+            f"{key}: {text!r} names no database file "
+            "(e.g. 'sqlite:///var/lib/policyd/policyd.sqlite3')"
+        )
     if scheme != "sqlite":
         try:
             parse_url(text)
@@ -223,4 +254,8 @@ def _nameservers(value: object, key: str) -> tuple[str, ...]:
             ) from None
         if not _NAMESERVER_RE.fullmatch(entry):
             raise ConfigError(f"{key}: {entry!r} is not 'address' or 'address:port'")
+        if entry.count(":") == 1 or entry.startswith("["):
+            port = entry.rpartition(":")[2]
+            if port.isdigit():
+                _port(port, key)
     return out

@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import math
 import signal
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from .admin import Admin, AdminServer
 from .config import Config, ConfigError, ServerConfig, load
 from .dispatch import Dispatcher
 from .metrics import Metrics
+from .preflight import Problem, Refused, database_refusal, preflight
 from .server import PolicyServer
 from .stores import StoreUnavailable, open_store
 
@@ -32,6 +34,9 @@ SYSLOG_FORMAT = "policyd[%(process)d]: %(levelname)s %(name)s: %(message)s"
 RESTART_ONLY = ("server", "store", "metrics", "admin")
 #: Seconds between housekeeping rounds (whitelist expiry, store-statistics gauges).
 STATS_INTERVAL = 30.0
+#: Exit status of a refused configuration (``--check-config`` and a start alike);
+#: docs/configuration.md lists what is refused.
+EXIT_REFUSED = 2
 
 
 def setup_logging(config: ServerConfig) -> None:
@@ -69,10 +74,17 @@ class Daemon:
         try:
             new = load(self.config_path)
         except ConfigError as exc:
-            logger.error("reload refused, keeping the running config: %s", exc)
+            problems = [Problem(str(exc))]
+        else:
+            problems = preflight(new)
+        refused = [str(p) for p in problems if p.fatal]
+        if refused:
+            logger.error("reload refused, keeping the running config: %s", "; ".join(refused))
             if self.ready:
                 systemd.notify("READY=1")
             return
+        for problem in problems:
+            logger.warning("%s", problem)
         for section in RESTART_ONLY:
             if getattr(new, section) != getattr(self.config, section):
                 logger.warning("reload: [%s] changes take effect only after a restart", section)
@@ -99,7 +111,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         # Startup runs under the config's store and server settings; reload keeps them.
         async with contextlib.AsyncExitStack() as stack:
-            store = await open_store(self.config.store)
+            try:
+                store = await open_store(self.config.store)
+            except sqlite3.DatabaseError as exc:  # passed the preflight, fails to open
+                raise database_refusal(self.config.store.url, exc) from None
             stack.push_async_callback(store.aclose)
             metrics = Metrics(self.config.metrics.enabled)
             stack.callback(metrics.close)
@@ -201,14 +216,28 @@ def run_loop(daemon: Daemon) -> int:
     return status
 
 
+def refuse(problems: list[Problem]) -> int:
+    """One line per refusal on stderr (before logging is set up, and whatever the log
+    target: this is where an operator starting the daemon by hand looks)."""
+    for problem in problems:
+        if problem.fatal:
+            print(f"policyd: invalid configuration: {problem}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"policyd: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        return refuse([Problem(str(exc))])
+    # The same checks for --check-config and for a start: they refuse the same files.
+    problems = preflight(config)
+    if any(p.fatal for p in problems):
+        return refuse(problems)
     if args.check_config:
+        for problem in problems:
+            print(f"policyd: warning: {problem}", file=sys.stderr)
         print(f"policyd: configuration {config.source} is valid")
         return 0
     try:
@@ -216,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"policyd: cannot open log target: {exc}", file=sys.stderr)
         return 1
+    for problem in problems:
+        logger.warning("%s", problem)
     try:
         return run_loop(Daemon(args.config, config))
+    except Refused as exc:
+        return refuse([Problem(str(exc))])
     except (OSError, StoreUnavailable) as exc:
         logger.error("cannot start: %s", exc)
         return 1
