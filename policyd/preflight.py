@@ -88,7 +88,8 @@ def warnings(config: Config) -> list[Problem]:
         found.append(
             Problem(
                 f"greylist.max_age: {grey.max_age:g}s is shorter than greylist.delay "
-                f"({grey.delay:g}s): a sender that passed is forgotten before it could pass again",
+                f"({grey.delay:g}s): a sender that passed is forgotten sooner than the delay, "
+                "so its next mail is likely greylisted again",
                 fatal=False,
             )
         )
