@@ -4,38 +4,46 @@ deleting greylist and rate-limit state for ``policyctl`` (never on the question 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from ..checks.greylist import Client, Timing, Triplet
 from ..lists import ListEntry
+
+T = TypeVar("T")
 
 #: Bound on rows one admin listing returns.
 MAX_SCAN: int = 10_000
 
 
 class SQLiteAdmin:
-    """Mixin for SQLiteStore: needs ``db`` and ``_statements()`` from it."""
+    """Mixin for SQLiteStore: needs ``db``, ``_durable()`` (an admin change, committed
+    before it returns) and ``_settled()`` (answered rows written) from it."""
 
     @property
     def db(self) -> sqlite3.Connection:
         raise NotImplementedError
 
-    def _statements(self, *, durable: bool = False) -> AbstractContextManager[None]:
+    async def _durable(self, change: Callable[[sqlite3.Connection], T]) -> T:
+        raise NotImplementedError
+
+    async def _settled(self) -> None:
         raise NotImplementedError
 
     async def list_add(self, entry: ListEntry) -> None:
-        with self._statements(durable=True):
-            self.db.execute(
+        await self._durable(
+            lambda db: db.execute(
                 "INSERT OR REPLACE INTO list VALUES (?, ?, ?, ?, ?)",
                 (entry.kind, entry.value, entry.expires, entry.comment, entry.added),
             )
+        )
 
     async def list_remove(self, kind: str, value: str) -> bool:
-        with self._statements(durable=True):
-            removed = self.db.execute(
-                "DELETE FROM list WHERE kind = ? AND value = ?", (kind, value)
-            ).rowcount
+        removed = await self._durable(
+            lambda db: (
+                db.execute("DELETE FROM list WHERE kind = ? AND value = ?", (kind, value)).rowcount
+            )
+        )
         return bool(removed)
 
     async def list_version(self) -> str:
@@ -52,6 +60,7 @@ class SQLiteAdmin:
     async def greylist_peek(
         self, triplet_key: str, client_key: str
     ) -> tuple[Triplet | None, Client | None]:
+        await self._settled()
         row = self.db.execute(
             "SELECT first_seen, last_seen, passed, attempts FROM triplet WHERE k = ?",
             (triplet_key,),
@@ -65,6 +74,7 @@ class SQLiteAdmin:
         )
 
     async def ratelimit_peek(self, keys: Sequence[str]) -> list[float | None]:
+        await self._settled()
         out: list[float | None] = []
         for key in keys:
             row = self.db.execute("SELECT tat FROM rate WHERE k = ?", (key,)).fetchone()
@@ -74,6 +84,7 @@ class SQLiteAdmin:
     async def greylist_scan(
         self, parts: Sequence[str | None], limit: int
     ) -> list[tuple[str, Triplet, float]]:
+        await self._settled()
         glob = sqlite_glob(parts)
         rows = self.db.execute(
             "SELECT k, first_seen, last_seen, passed, attempts, expires FROM triplet "
@@ -84,16 +95,19 @@ class SQLiteAdmin:
 
     async def greylist_pass(self, keys: Sequence[str], now: float, timing: Timing) -> int:
         """Mark triplets passed now (``policyctl greylist pass``); creates missing ones."""
-        with self._statements(durable=True):
+
+        def mark(db: sqlite3.Connection) -> None:
             for key in keys:
-                row = self.db.execute(
+                row = db.execute(
                     "SELECT first_seen, attempts FROM triplet WHERE k = ?", (key,)
                 ).fetchone()
                 first, attempts = row if row else (now, 0)
-                self.db.execute(
+                db.execute(
                     "INSERT OR REPLACE INTO triplet VALUES (?, ?, ?, 1, ?, ?)",
                     (key, first, now, attempts, now + timing.max_age),
                 )
+
+        await self._durable(mark)
         return len(keys)
 
     async def greylist_delete(self, keys: Sequence[str]) -> int:
@@ -102,6 +116,7 @@ class SQLiteAdmin:
     async def ratelimit_scan(
         self, parts: Sequence[str | None], limit: int
     ) -> list[tuple[str, float]]:
+        await self._settled()
         glob = sqlite_glob(parts)
         rows = self.db.execute(
             "SELECT k, tat FROM rate WHERE k GLOB ? ORDER BY tat DESC LIMIT ?",
@@ -113,15 +128,17 @@ class SQLiteAdmin:
         return await self._delete("rate", keys)
 
     async def _delete(self, table: str, keys: Sequence[str]) -> int:
-        removed = 0
-        with self._statements(durable=True):
+        def delete(db: sqlite3.Connection) -> int:
+            removed = 0
             for chunk in _chunks(keys, 500):
                 marks = ",".join("?" * len(chunk))
-                removed += self.db.execute(
+                removed += db.execute(
                     f"DELETE FROM {table} WHERE k IN ({marks})",  # noqa: S608  # constant table
                     chunk,
                 ).rowcount
-        return removed
+            return removed
+
+        return await self._durable(delete)
 
 
 def sqlite_glob(parts: Sequence[str | None]) -> str:
