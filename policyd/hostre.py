@@ -32,9 +32,12 @@ sre: Any = importlib.import_module("re._constants")
 MAX_STATES: Final = 1_000
 #: Bound of a counted repeat (``{m,n}``); a DNS label has at most 63 characters.
 MAX_REPEAT: Final = 100
-#: DFA states and transitions kept; past either, the cache starts afresh (memory stays
-#: bounded whatever host names clients send; one state holds a few hundred bytes).
+#: NFA states of all the patterns of one whitelist (~100 B each).
+MAX_TOTAL_STATES: Final = 50_000
+#: DFA states, their NFA states in all, and transitions kept; past any, the cache starts
+#: afresh, so memory stays bounded (a few MiB) whatever host names clients send.
 MAX_DFA_STATES: Final = 1_000
+MAX_DFA_SIZE: Final = 200_000
 MAX_DFA_EDGES: Final = 20_000
 #: Inline flags that change nothing here: matching is case-insensitive, VERBOSE only
 #: changes parsing, and a host name holds no newline for DOTALL to matter.
@@ -57,9 +60,12 @@ class PatternError(ValueError):
     """A host pattern that cannot be matched in linear time (or is not a pattern)."""
 
 
-def check_host_pattern(pattern: str) -> None:
-    """Raise PatternError, saying why, if ``pattern`` cannot be a host pattern."""
-    _compile(_NFA(), pattern, 0)
+def check_host_pattern(pattern: str) -> int:
+    """The automaton states ``pattern`` needs; PatternError, saying why, if it cannot be a
+    host pattern."""
+    nfa = _NFA()
+    _compile(nfa, pattern, 0)
+    return len(nfa.kind)
 
 
 class _NFA:
@@ -209,6 +215,8 @@ class HostPatterns:
         """Raises PatternError for the first pattern that is refused."""
         nfa = _NFA()
         starts = [_compile(nfa, pattern, tag) for tag, pattern in enumerate(patterns)]
+        if len(nfa.kind) > MAX_TOTAL_STATES:
+            raise PatternError(f"host patterns need over {MAX_TOTAL_STATES} automaton states")
         nfa.limit = len(nfa.kind) + 1
         self._nfa = nfa
         self._start = nfa.add(_SPLIT, starts)
@@ -217,6 +225,7 @@ class HostPatterns:
     def _reset(self) -> None:
         self._states: dict[frozenset[int], _State] = {}
         self._edges = 0
+        self._size = 0
         self._initial = self._state(self._closure([self._start], at_start=True))
         #: Unanchored search: a match may start at any later position too.
         self._anywhere = self._closure([self._start], at_start=False)
@@ -243,7 +252,8 @@ class HostPatterns:
             test = nfa.test[s]
             if test is not None and test(char):
                 moved.append(nfa.out[s][0])
-        if len(self._states) >= MAX_DFA_STATES or self._edges >= MAX_DFA_EDGES:
+        full = len(self._states) >= MAX_DFA_STATES or self._size >= MAX_DFA_SIZE
+        if full or self._edges >= MAX_DFA_EDGES:
             self._reset()  # ``state`` stays usable: it is only read below
         following = self._state(self._closure(moved, at_start=False) | self._anywhere)
         state.next[char] = following
@@ -256,6 +266,7 @@ class HostPatterns:
             kind, tag = self._nfa.kind, self._nfa.tag
             tags = frozenset(tag[s] for s in nfa_states if kind[s] == _MATCH)
             found = self._states[nfa_states] = _State(nfa_states, tags)
+            self._size += len(nfa_states)
         return found
 
     def _closure(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from .addresses import AddressPatterns, NetworkSet, domain_of
-from .hostre import HostPatterns, PatternError, check_host_pattern
+from .hostre import MAX_TOTAL_STATES, HostPatterns, PatternError, check_host_pattern
 from .lograte import LogLimiter
 from .model import Query
 
@@ -161,9 +161,12 @@ def _usable_patterns(entries: list[ListEntry]) -> list[ListEntry]:
     """The host-pattern entries that can be matched in linear time; the others are left
     out with a warning (``policyctl whitelist remove`` them)."""
     usable = []
+    states = 0
     for entry in entries:
         try:
-            check_host_pattern(entry.value)
+            states += check_host_pattern(entry.value)
+            if states > MAX_TOTAL_STATES:
+                raise PatternError(f"all host patterns together over {MAX_TOTAL_STATES} states")
         except PatternError as exc:
             _WARNINGS.warning(logger, "whitelist: host pattern %r not used: %s", entry.value, exc)
             continue

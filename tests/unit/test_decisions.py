@@ -91,9 +91,7 @@ def test_with_hash_secret_the_fields_are_the_store_hashes() -> None:
     )
     for clear in ("198.51.100", "alice", "example", "bob", "mx."):
         assert clear not in line.lower()
-    data = Query(
-        Stage.DATA, QUERY.client, sender="", recipients=("a@example.org", "b@example.org")
-    )
+    data = Query(Stage.DATA, QUERY.client, sender="", recipients=("a@example.org", "b@example.org"))
     hashed_data = HashedFields(hasher, 24, 64).line(data, KNOWN)
     assert "sender=- " in hashed_data and "helo=- " in hashed_data
     assert f"rcpt={hasher.segment('a@example.org')},{hasher.segment('b@example.org')} " in (
