@@ -28,7 +28,7 @@ from .lists import MAX_ENTRIES, ListEntry, ListError, Whitelist, normalise_entry
 from .metrics import rss_bytes
 from .model import Query, Stage
 from .protocol import ProtocolError, normalise_ip
-from .server import remove_stale_socket
+from .sockets import remove_stale_socket
 from .stores import Store, StoreUnavailable
 
 logger = logging.getLogger(__name__)

@@ -23,9 +23,7 @@ import functools
 import grp
 import logging
 import os
-import resource
 import socket
-import stat
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any, cast
 
 from .config import ServerConfig
 from .lograte import LogLimiter
+from .sockets import raise_file_limit, remove_stale_socket
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +353,7 @@ class PolicyServer:
         """Bind (or adopt systemd's sockets) and start accepting."""
         self._loop = asyncio.get_running_loop()
         loop = self._loop
-        _raise_file_limit(HARD_CONNECTION_FACTOR * self.config.max_connections + SPARE_FILES)
+        raise_file_limit(HARD_CONNECTION_FACTOR * self.config.max_connections + SPARE_FILES)
         # The kernel backlog holds connections beyond max_connections until we can answer.
         backlog = max(128, self.config.max_connections)
         for sock in inherited or []:
@@ -426,44 +425,3 @@ def _due(connections: dict[QuestionProtocol, float], now: float) -> list[Questio
             break
         due.append(proto)
     return due
-
-
-def remove_stale_socket(path: Path) -> None:
-    """Make way to bind a Unix socket at ``path`` (query and admin sockets alike).
-
-    Another daemon answering there is a configuration error, not a file to steal: OSError
-    naming the path. A stale socket file from a crash is removed; any other file is left
-    for bind() to refuse."""
-    try:
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            return
-    except FileNotFoundError:
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return
-    finally:
-        probe.close()
-    raise OSError(f"{path}: another process is already listening there")
-
-
-def _raise_file_limit(wanted: int) -> None:
-    """Raise the soft limit on open files towards ``wanted`` (at most the hard limit).
-
-    A shell's soft limit is often 1024, below max_connections × HARD_CONNECTION_FACTOR:
-    accept() would then fail with EMFILE and asyncio stops accepting for a second
-    (the systemd unit sets LimitNOFILE itself)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    if target < wanted:
-        logger.warning(
-            "open files limited to %d, below the %d that max_connections needs", target, wanted
-        )
