@@ -28,6 +28,7 @@ from .lists import MAX_ENTRIES, ListEntry, ListError, Whitelist, normalise_entry
 from .metrics import rss_bytes
 from .model import Query, Stage
 from .protocol import ProtocolError, normalise_ip
+from .sockets import remove_stale_socket
 from .stores import Store, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -307,8 +308,9 @@ class AdminServer:
     async def start(self) -> None:
         path = Path(self.config.socket)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        # A live admin socket belongs to another daemon: taking it over (and deleting it at
+        # our stop) would make the running one unreachable for policyctl.
+        remove_stale_socket(path)
         # Created with the final mode: no window where the socket is more open than asked.
         old_umask = os.umask(0o777 & ~self.config.socket_mode)
         try:

@@ -74,6 +74,9 @@ class ServerConfig:
     tcp: str = opt("", _tcp)
     #: Whole-connection budget, well under the 2 s readsocket timeout of our snippets.
     deadline: float = opt(1.0, _positive_duration)
+    #: Accept → complete request; Exim writes it at once, so only idle or slow clients
+    #: reach it. They are closed, and do not hold a slot until the deadline.
+    request_timeout: float = opt(0.25, _positive_duration)
     max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, _positive)
     #: Open connections answered normally; Exim's own smtp_accept_max defaults to 20, so
     #: this leaves room for idle or slow clients without turning checks off.
@@ -82,6 +85,9 @@ class ServerConfig:
     fallback: str = opt("accept", _choice("accept", "defer"))
     drain_timeout: float = opt(5.0, _duration)
     log_level: str = opt("info", _choice("debug", "info", "warning", "error"))
+    #: Decision lines at INFO: those that change something (refusals, first passes), all,
+    #: or none; the others are DEBUG (policyd/decisions.py).
+    log_decisions: str = opt("changes", _choice("changes", "all", "none"))
     #: stderr (journald under systemd) or the local syslog socket /dev/log.
     log_target: str = opt("stderr", _choice("stderr", "syslog"))
     syslog_facility: str = opt(

@@ -125,6 +125,12 @@ class Daemon:
             stack.push_async_callback(self.dispatcher.aclose)
             admin = Admin(self.dispatcher, store)
             await admin.reload_whitelist()
+            if self.config.admin.socket:
+                # Before the query socket: a refusal (another daemon's live admin socket)
+                # then leaves nothing of ours behind.
+                admin_server = AdminServer(self.config.admin, admin)
+                await admin_server.start()
+                stack.push_async_callback(admin_server.stop)
             server = PolicyServer(
                 self.config.server,
                 self.dispatcher.answer,
@@ -134,10 +140,6 @@ class Daemon:
             await server.start(systemd.listen_sockets())
             metrics.open_connections.set_function(lambda: len(server.open_connections))
             self.metrics_port = metrics.serve(self.config.metrics.listen)
-            if self.config.admin.socket:
-                admin_server = AdminServer(self.config.admin, admin)
-                await admin_server.start()
-                stack.push_async_callback(admin_server.stop)
             background = (
                 _start_watchdog(loop),
                 loop.create_task(self._housekeeping(admin)),
@@ -163,6 +165,10 @@ class Daemon:
         metrics = admin.dispatcher.metrics
         counted_unretried = 0.0
         for _ in iter(int, 1):  # forever; cancelled at shutdown
+            # Counts of repeated warnings whose interval ended (policyd/lograte.py).
+            admin.dispatcher.warnings.flush()
+            if self.server is not None:
+                self.server.warnings.flush()
             try:
                 await admin.reload_whitelist()
                 figures = await stats(self.config.greylist.auto_whitelist_after) if stats else {}

@@ -22,12 +22,14 @@ from .checks.greylist import Greylist, Status
 from .checks.ratelimit import RateLimiter
 from .checks.spf_headers import Identity, Result
 from .config import Config
-from .decisions import DecisionLog
+from .decisions import DecisionLog, HashedFields
 from .lists import Whitelist
+from .lograte import LogLimiter
 from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
 from .stores import QuestionStore, Store, StoreUnavailable
+from .stores.keys import HashedStore
 from .stores.timed import TimedStore
 from .txn import Transaction, TransactionMemory
 
@@ -84,6 +86,8 @@ class Dispatcher:
         )
         self.whitelist = Whitelist([])
         self.decisions = DecisionLog()
+        #: Per-question warnings, one line per kind per interval (policyd/lograte.py).
+        self.warnings = LogLimiter()
         # Label children looked up once: labels() costs more than the increment itself.
         self._per_stage = tuple(
             (
@@ -105,6 +109,12 @@ class Dispatcher:
         """Apply a (re)loaded policy; the store and listeners stay as they are."""
         self.config = config
         self.greylist = Greylist(config.greylist, self.store)
+        store = self.raw_store
+        hashed = None
+        if isinstance(store, HashedStore):  # hash_secret: the log keys people as the store
+            grey = config.greylist
+            hashed = HashedFields(store.hasher, grey.ipv4_prefix, grey.ipv6_prefix)
+        self.decisions.configure(config.server.log_decisions, hashed)
         previous = self.spf
         self.spf = None
         if config.spf.enabled:
@@ -123,7 +133,8 @@ class Dispatcher:
             self.metrics.ratelimit_fill.labels(name).set_function(tally.take_peak_fill)
 
     async def aclose(self) -> None:
-        """Release what the checks hold (the DNS resolver)."""
+        """Release what the checks hold (the DNS resolver); write the warnings' counts."""
+        self.warnings.flush(all_windows=True)
         if self.resolver is not None:
             await self.resolver.close()
             self.resolver = None
@@ -138,7 +149,9 @@ class Dispatcher:
         try:
             query = parse_request(request)
         except ProtocolError as exc:
-            logger.warning("bad request: %s; request=%r", exc, request[:LOGGED_REQUEST_BYTES])
+            self.warnings.warning(
+                logger, "bad request: %s; request=%r", exc, request[:LOGGED_REQUEST_BYTES]
+            )
             self.metrics.bad_requests.inc()
             return error_answer(f"bad request: {exc}")
         try:
@@ -156,8 +169,8 @@ class Dispatcher:
             logger.debug("store unavailable, answering fallback: %s", exc)
             verdict = self._fallback_verdict("store-unavailable")
         except Exception:
-            logger.exception(
-                "check failed; answering fallback for %r", request[:LOGGED_REQUEST_BYTES]
+            self.warnings.exception(
+                logger, "check failed; answering fallback for %r", request[:LOGGED_REQUEST_BYTES]
             )
             verdict = self._fallback_verdict("internal-error")
         self.decisions.record(query, verdict)

@@ -9,18 +9,24 @@ from the store by the next rebuild.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from .addresses import AddressPatterns, NetworkSet, domain_of
+from .hostre import MAX_TOTAL_STATES, HostPatterns, PatternError, check_host_pattern
+from .lograte import LogLimiter
 from .model import Query
+
+logger = logging.getLogger(__name__)
 
 #: What a whitelist entry can name (design.md §3 static and runtime whitelists).
 KINDS: Final = {
     "client": "client IP address or CIDR (IPv4 or IPv6)",
     "client_host": "client host name or domain suffix (forward-confirmed by Exim)",
-    "client_host_re": "regular expression on the client host name (postgrey imports)",
+    "client_host_re": "regular expression on the client host name, matched in linear time "
+    "(no backreferences or lookaround; postgrey imports)",
     "sender_domain": "sender domain (only when SPF passes for it)",
     "sender": "sender address",
     "recipient": "recipient that opts out: user@domain, user@ or a domain",
@@ -30,6 +36,9 @@ KINDS: Final = {
 MAX_ENTRIES: Final = 20_000
 _HOST_RE: Final = re.compile(r"[a-z0-9_.-]{1,253}")
 _MAX_REGEX: Final = 200
+#: Stored patterns refused since they were added (an older release accepted them): the
+#: warning comes with every rebuild of the whitelist, so it is rate limited.
+_WARNINGS: Final = LogLimiter()
 
 
 class ListError(ValueError):
@@ -80,9 +89,9 @@ def normalise_entry(kind: str, value: str) -> str:
         if len(text) > _MAX_REGEX:
             raise ListError("regular expression too long")
         try:
-            re.compile(text, re.IGNORECASE)
-        except re.error as exc:
-            raise ListError(f"invalid regular expression {text!r}: {exc}") from None
+            check_host_pattern(text)
+        except PatternError as exc:
+            raise ListError(f"regular expression {text!r} refused: {exc}") from None
         return text
     lowered = text.lower().strip("<>")
     if kind in ("client_host", "sender_domain"):
@@ -104,9 +113,8 @@ class Whitelist:
             (NetworkSet([ipaddress.ip_network(e.value)]), e) for e in entries if e.kind == "client"
         ]
         self._hosts = [e for e in entries if e.kind == "client_host"]
-        self._host_res = [
-            (re.compile(e.value, re.IGNORECASE), e) for e in entries if e.kind == "client_host_re"
-        ]
+        self._host_res = _usable_patterns([e for e in entries if e.kind == "client_host_re"])
+        self._host_patterns = HostPatterns(e.value for e in self._host_res)
         self._senders = {e.value: e for e in entries if e.kind == "sender"}
         self._domains = {e.value: e for e in entries if e.kind == "sender_domain"}
         self._recipients = [
@@ -128,9 +136,12 @@ class Whitelist:
             for entry in self._hosts:
                 if (host == entry.value or host.endswith("." + entry.value)) and entry.live(now):
                     return entry
-            for regex, entry in self._host_res:
-                if regex.search(host) and entry.live(now):
-                    return entry
+            if self._host_res:
+                matched = self._host_patterns.search(host)
+                for index in sorted(matched):
+                    entry = self._host_res[index]
+                    if entry.live(now):
+                        return entry
         sender = query.sender.lower()
         found = self._senders.get(sender)
         if found is not None and found.live(now):
@@ -144,3 +155,20 @@ class Whitelist:
             if patterns.match(recipient) and entry.live(now):
                 return entry
         return None
+
+
+def _usable_patterns(entries: list[ListEntry]) -> list[ListEntry]:
+    """The host-pattern entries that can be matched in linear time; the others are left
+    out with a warning (``policyctl whitelist remove`` them)."""
+    usable = []
+    states = 0
+    for entry in entries:
+        try:
+            states += check_host_pattern(entry.value)
+            if states > MAX_TOTAL_STATES:
+                raise PatternError(f"all host patterns together over {MAX_TOTAL_STATES} states")
+        except PatternError as exc:
+            _WARNINGS.warning(logger, "whitelist: host pattern %r not used: %s", entry.value, exc)
+            continue
+        usable.append(entry)
+    return usable

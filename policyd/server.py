@@ -1,9 +1,15 @@
 """Listeners: connection-per-question as Exim's ``${readsocket}`` does it.
 
 A connection delivers one request, ended by the client's half-close (Exim) or by a newline
-(interactive tools); the daemon writes the answer and closes. Three named limits protect it:
-``max_request_bytes``, ``deadline`` (accept → answer written) and ``max_connections``.
-A question over a limit still gets a well-formed fallback answer, never a hang.
+(interactive tools); the daemon writes the answer and closes. Four named limits protect it:
+``max_request_bytes``, ``request_timeout`` (accept → request complete), ``deadline``
+(accept → answer written) and ``max_connections``. A question over a limit still gets a
+well-formed fallback answer, never a hang.
+
+Connections that have not sent a complete request ("unasked") cannot starve real ones:
+Exim writes its whole request right after connecting, so one that is still unasked after
+``request_timeout`` is closed, and at ``max_connections`` the oldest unasked connection
+makes room for a new one instead of the newcomer being refused (docs/decisions.md).
 
 Uses the Protocol API rather than streams: per the design's measurements the streams layer
 alone costs more than the whole question.
@@ -18,13 +24,14 @@ import grp
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from .config import ServerConfig
+from .lograte import LogLimiter
+from .sockets import raise_file_limit, remove_stale_socket
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,9 @@ logger = logging.getLogger(__name__)
 HARD_CONNECTION_FACTOR = 2
 #: A deadline this close (seconds) counts as passed when the deadline timer fires.
 TIMER_SLACK = 0.001
+#: File descriptors kept free beyond the connections (store, logs, admin and metrics
+#: listeners, DNS sockets).
+SPARE_FILES = 64
 
 Answerer = Callable[[bytes], Coroutine[Any, Any, bytes]]
 Fallback = Callable[[str], bytes]
@@ -44,10 +54,16 @@ class Limits:
     deadline: float
     max_request_bytes: int
     max_connections: int
+    request_timeout: float
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Limits:
-        return cls(config.deadline, config.max_request_bytes, config.max_connections)
+        return cls(
+            config.deadline,
+            config.max_request_bytes,
+            config.max_connections,
+            config.request_timeout,
+        )
 
 
 class QuestionProtocol(asyncio.Protocol):
@@ -77,7 +93,12 @@ class QuestionProtocol(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self._transport = cast(asyncio.Transport, transport)
         server = self._server
-        if len(server.open_connections) >= HARD_CONNECTION_FACTOR * server.limits.max_connections:
+        crowd = len(server.open_connections)
+        if crowd >= server.limits.max_connections and server.unasked:
+            # Full, partly with connections that have asked nothing yet: the oldest of
+            # them makes room. Exim asks at once, so an unasked one is idle or slow.
+            server.evict_oldest_unasked()
+        elif crowd >= HARD_CONNECTION_FACTOR * server.limits.max_connections:
             # Far over the limit: shed at once so memory stays bounded; Exim then uses its
             # FAIL string (fail-open by default in our snippets).
             self._transport.close()
@@ -100,7 +121,9 @@ class QuestionProtocol(asyncio.Protocol):
         if newline >= 0:
             self._start(bytes(self._buffer[: newline + 1]))
         elif len(self._buffer) > limit:
-            logger.warning("request over %d bytes; answering fallback", limit)
+            self._server.warnings.warning(
+                logger, "request over %d bytes; answering fallback", limit
+            )
             self._finish_with(self._server.fallback("request-too-large"))
 
     def eof_received(self) -> bool:
@@ -119,6 +142,7 @@ class QuestionProtocol(asyncio.Protocol):
     def _start(self, request: bytes) -> None:
         self._done = True
         server = self._server
+        server.unasked.pop(self, None)
         if len(server.open_connections) > server.limits.max_connections:
             self._write_close(server.fallback("too-many-connections"))
             return
@@ -153,7 +177,7 @@ class QuestionProtocol(asyncio.Protocol):
             return
         except (Exception, asyncio.CancelledError):  # the dispatcher answers every error
             self._waiting = None
-            logger.exception("question coroutine failed; answering fallback")
+            self._server.warnings.exception(logger, "question coroutine failed; answering fallback")
             self._write_close(self._server.fallback("internal-error"))
             return
         if suspended_on is None:
@@ -162,7 +186,9 @@ class QuestionProtocol(asyncio.Protocol):
         if not getattr(suspended_on, "_asyncio_future_blocking", False):
             # Only futures may be awaited on an asyncio loop (Task raises the same way).
             self._stop_waiting(answering)
-            logger.error("question awaited %r, not a future; answering fallback", suspended_on)
+            self._server.warnings.error(
+                logger, "question awaited %r, not a future; answering fallback", suspended_on
+            )
             self._write_close(self._server.fallback("internal-error"))
             return
         suspended_on._asyncio_future_blocking = False
@@ -189,11 +215,25 @@ class QuestionProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return  # answered already; connection_lost is on its way
-        logger.warning("deadline of %.3fs passed; answering fallback", self._server.limits.deadline)
-        self._finish_with(self._server.fallback("deadline"))
+        server = self._server
+        server.warnings.warning(
+            logger, "deadline of %.3fs passed; answering fallback", server.limits.deadline
+        )
+        self._finish_with(server.fallback("deadline"))
+
+    def drop_unasked(self, cause: str) -> None:
+        """Close a connection that has not sent a complete request (request timeout, or
+        evicted at max_connections). A partial request gets the fallback answer, so a
+        client that was merely slow still reads a well-formed one; nothing asked, nothing
+        answered."""
+        transport = self._transport
+        if self._done or transport is None or transport.is_closing():
+            return
+        self._finish_with(self._server.fallback(cause) if self._buffer else b"")
 
     def _finish_with(self, answer: bytes) -> None:
         self._done = True
+        self._server.unasked.pop(self, None)
         if self._task is not None and not self._task.done():
             self._task.cancel()
         waiting = self._waiting
@@ -229,6 +269,11 @@ class PolicyServer:
         #: Open connections → their deadline (loop time), in accept order: the deadline is
         #: the same for all, so the first entry is always the next one due.
         self.open_connections: dict[QuestionProtocol, float] = {}
+        #: The open connections without a complete request yet → when their request time
+        #: is up, in accept order too (so the first is also the oldest, evicted first).
+        self.unasked: dict[QuestionProtocol, float] = {}
+        #: Per-connection warnings, one line per kind per interval (policyd/lograte.py).
+        self.warnings = LogLimiter()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
@@ -246,29 +291,61 @@ class PolicyServer:
         return QuestionProtocol(self)
 
     def watch(self, proto: QuestionProtocol) -> None:
-        """Start a connection's deadline. One timer serves every connection: it is set for
-        the oldest one and, when it fires, answers those past their deadline and is set
-        again for the next (a timer per connection costs more than the question)."""
-        due = self.loop.time() + self.limits.deadline
+        """Start a connection's request time and deadline. One timer serves every
+        connection: it is set for the earliest of the oldest unasked connection's request
+        time and the oldest connection's deadline and, when it fires, handles those due and
+        is set again for the next (a timer per connection costs more than the question)."""
+        now = self.loop.time()
+        due = now + self.limits.deadline
         self.open_connections[proto] = due
-        if self._deadline_timer is None:
-            self._deadline_timer = self.loop.call_at(due, self._check_deadlines)
+        asked_by = now + self.limits.request_timeout
+        self.unasked[proto] = asked_by
+        timer = self._deadline_timer
+        if timer is None:
+            self._deadline_timer = self.loop.call_at(min(due, asked_by), self._check_deadlines)
+        elif asked_by < timer.when():
+            # Set for a deadline while nothing was unasked: this request time comes first.
+            # At most once per quiet spell: then the timer is at an earlier request time.
+            timer.cancel()
+            self._deadline_timer = self.loop.call_at(asked_by, self._check_deadlines)
 
     def _check_deadlines(self) -> None:
         self._deadline_timer = None
         # uvloop's timers count whole milliseconds and may fire up to one early.
         now = self.loop.time() + TIMER_SLACK
-        late = []
-        for proto, due in self.open_connections.items():
-            if due > now:
-                self._deadline_timer = self.loop.call_at(due, self._check_deadlines)
-                break
-            late.append(proto)
-        for proto in late:
+        for proto in _due(self.unasked, now):
+            self._forget(proto)
+            self.warnings.warning(
+                logger,
+                "connection sent no complete request within %.3fs; closed",
+                self.limits.request_timeout,
+            )
+            proto.drop_unasked("request-timeout")
+        for proto in _due(self.open_connections, now):
             proto.on_deadline()
+        nexts = [next(iter(d.values())) for d in (self.unasked, self.open_connections) if d]
+        if nexts:
+            self._deadline_timer = self.loop.call_at(min(nexts), self._check_deadlines)
+
+    def evict_oldest_unasked(self) -> None:
+        """Close the oldest connection without a complete request, to make room."""
+        proto = next(iter(self.unasked))
+        self._forget(proto)
+        self.warnings.warning(
+            logger,
+            "max_connections (%d) reached; closing the oldest connection that asked nothing",
+            self.limits.max_connections,
+        )
+        proto.drop_unasked("too-many-connections")
+
+    def _forget(self, proto: QuestionProtocol) -> None:
+        """Stop counting a connection we are closing (its connection_lost comes later)."""
+        self.unasked.pop(proto, None)
+        self.connection_closed(proto)
 
     def connection_closed(self, proto: QuestionProtocol) -> None:
         self.open_connections.pop(proto, None)
+        self.unasked.pop(proto, None)
         if not self.open_connections:
             self._idle.set()
 
@@ -276,6 +353,7 @@ class PolicyServer:
         """Bind (or adopt systemd's sockets) and start accepting."""
         self._loop = asyncio.get_running_loop()
         loop = self._loop
+        raise_file_limit(HARD_CONNECTION_FACTOR * self.config.max_connections + SPARE_FILES)
         # The kernel backlog holds connections beyond max_connections until we can answer.
         backlog = max(128, self.config.max_connections)
         for sock in inherited or []:
@@ -299,10 +377,7 @@ class PolicyServer:
 
     async def _bind_unix(self, path: Path, backlog: int) -> asyncio.Server:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                _refuse_if_live(path)
-                path.unlink()
+        remove_stale_socket(path)
         srv = await self.loop.create_unix_server(self._protocol, str(path), backlog=backlog)
         os.chmod(path, self.config.socket_mode)
         if self.config.socket_group:
@@ -339,16 +414,14 @@ class PolicyServer:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
+        self.warnings.flush(all_windows=True)
 
 
-def _refuse_if_live(path: Path) -> None:
-    """Another daemon answering on our socket path is a configuration error, not a file to
-    steal; a stale socket file from a crash is removed."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return
-    finally:
-        probe.close()
-    raise OSError(f"{path}: another process is already listening there")
+def _due(connections: dict[QuestionProtocol, float], now: float) -> list[QuestionProtocol]:
+    """The connections due by ``now``: a prefix, since entries are in order of their time."""
+    due = []
+    for proto, when in connections.items():
+        if when > now:
+            break
+        due.append(proto)
+    return due

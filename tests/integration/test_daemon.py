@@ -15,6 +15,7 @@ import pytest
 from conftest import DaemonFactory, Question, ask, ask_blocking, to_toml, wait_until
 
 from policyd.checks.greylist import DEFER_CODE, DEFER_ECODE, Status
+from policyd.ctl import main as main_ctl
 from policyd.daemon import main
 
 DELAY = 1.0
@@ -218,6 +219,26 @@ def test_second_daemon_on_a_live_socket_refuses_to_start(daemon_factory: DaemonF
     assert ask_blocking(first.socket, rcpt("192.0.2.9", "x@test.example")) == ok(
         "whitelisted-client"
     )
+    assert first.stop() == 0
+
+
+def test_second_daemon_on_a_live_admin_socket_refuses_to_start(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """The same check as for the query socket: taking over the admin socket (and deleting
+    it at stop) would leave the running daemon unreachable for policyctl."""
+    first = daemon_factory("first", **POLICY)
+    first.start()
+    admin_socket = str(first.directory / "admin.sock")
+    inode = os.stat(admin_socket).st_ino
+    second = daemon_factory("second", admin={"socket": admin_socket}, **POLICY)
+    second.launch()
+    assert second.wait() != 0
+    [line] = second.stderr().splitlines()
+    assert f"cannot start: {admin_socket}: another process is already listening there" in line
+    assert not Path(second.socket).exists(), "the refused daemon left its query socket"
+    assert os.stat(admin_socket).st_ino == inode
+    assert main_ctl(["--socket", admin_socket, "ping"]) == 0
     assert first.stop() == 0
 
 

@@ -132,7 +132,10 @@ async def test_request_over_the_limit_gets_the_fallback(
 async def test_slow_client_gets_the_fallback_at_the_deadline(
     server_factory: ServerFactory, fallback: str
 ) -> None:
-    srv = await server_factory(server={"deadline": DEADLINE, "fallback": fallback}, **GOLDEN_CONFIG)
+    srv = await server_factory(
+        server={"deadline": DEADLINE, "request_timeout": "10s", "fallback": fallback},
+        **GOLDEN_CONFIG,
+    )
     question = await Question.connect(srv.socket)
     try:
         started = time.monotonic()
@@ -151,7 +154,9 @@ async def test_slow_client_gets_the_fallback_at_the_deadline(
 async def test_each_connection_gets_its_own_deadline(server_factory: ServerFactory) -> None:
     """One timer serves all deadlines: staggered slow clients are each answered at their own
     deadline, and a connection answered early does not move a later one's."""
-    srv = await server_factory(server={"deadline": DEADLINE}, **GOLDEN_CONFIG)
+    srv = await server_factory(
+        server={"deadline": DEADLINE, "request_timeout": "10s"}, **GOLDEN_CONFIG
+    )
     started = time.monotonic()
     answered_early = await Question.connect(srv.socket)  # the oldest: answered at once
     first = await Question.connect(srv.socket)
@@ -189,35 +194,95 @@ async def test_garbage_gets_an_error_answer(server_factory: ServerFactory) -> No
     assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
 
 
-async def test_more_connections_than_allowed(server_factory: ServerFactory) -> None:
-    """Over max_connections a question gets the fallback; far over it (×HARD_CONNECTION_FACTOR)
-    connections are closed at accept. Nothing hangs, and the server serves normally afterwards."""
+async def test_idle_connections_make_room_for_a_question(server_factory: ServerFactory) -> None:
+    """At max_connections, the oldest connection that has asked nothing is closed to make
+    room: a question still gets its real answer, however many idle clients hold the socket.
+    Those kept get the deadline's fallback (request_timeout set above it here)."""
     allowed, deadline = 4, 0.5
-    hard_limit = HARD_CONNECTION_FACTOR * allowed
     srv = await server_factory(
-        server={"max_connections": allowed, "deadline": deadline}, **GOLDEN_CONFIG
+        server={"max_connections": allowed, "deadline": deadline, "request_timeout": "10s"},
+        **GOLDEN_CONFIG,
     )
-    for idle_count, asked in [
-        (hard_limit - 1, {"ok fallback too-many-connections"}),
-        (hard_limit + 4, {"reset", "closed"}),
-    ]:
-        idle = [await Question.connect(srv.socket) for _ in range(idle_count)]
-        try:
-            await srv.wait_until_open(min(idle_count, hard_limit))
-            outcome = await _outcome(ask(srv.socket, WHITELISTED.request))
-            idle_outcomes = await asyncio.gather(
-                *(_outcome(q.answer(half_close=False)) for q in idle)
-            )
-        finally:
-            for question in idle:
-                question.close()
-        assert outcome in asked
-        kept = min(idle_count, hard_limit)
-        assert Counter(idle_outcomes) == Counter(
-            {"ok fallback deadline": kept, "closed": idle_count - kept}
+    idle_count = 3 * HARD_CONNECTION_FACTOR * allowed
+    idle = [await Question.connect(srv.socket) for _ in range(idle_count)]
+    try:
+        await srv.wait_until_open(allowed)
+        outcome = await _outcome(ask(srv.socket, WHITELISTED.request))
+        idle_outcomes = await asyncio.gather(*(_outcome(q.answer(half_close=False)) for q in idle))
+    finally:
+        for question in idle:
+            question.close()
+    assert outcome == WHITELISTED.answer.decode()
+    # The newest allowed - 1 idle ones stayed (one slot went to the question).
+    assert idle_outcomes[-(allowed - 1) :] == ["ok fallback deadline"] * (allowed - 1)
+    assert Counter(idle_outcomes[: -(allowed - 1)]) == Counter({"closed": idle_count - allowed + 1})
+    await srv.wait_idle()
+
+
+async def test_a_connection_that_asks_nothing_is_closed_at_the_request_timeout(
+    server_factory: ServerFactory,
+) -> None:
+    """Idle or slow clients are closed at request_timeout, long before the deadline: with
+    nothing asked, without an answer; with part of a request, with the fallback."""
+    request_timeout = 0.1
+    srv = await server_factory(
+        server={"deadline": "5s", "request_timeout": request_timeout}, **GOLDEN_CONFIG
+    )
+    started = time.monotonic()
+    idle = await Question.connect(srv.socket)
+    slow = await Question.connect(srv.socket)
+    try:
+        await slow.send(WHITELISTED.request[:20])
+        outcomes = await asyncio.gather(
+            _outcome(idle.answer(half_close=False)), _outcome(slow.answer(half_close=False))
         )
-        await srv.wait_idle()
-        assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+        elapsed = time.monotonic() - started
+    finally:
+        idle.close()
+        slow.close()
+    assert outcomes == ["closed", "ok fallback request-timeout"]
+    assert request_timeout * 0.9 <= elapsed < 2.0
+    assert await ask(srv.socket, WHITELISTED.request) == WHITELISTED.answer
+    await srv.wait_idle()
+
+
+async def test_more_questions_than_allowed(tmp_path: Path) -> None:
+    """With max_connections questions being answered, one more gets the fallback at once.
+    Nothing hangs, and the server serves normally afterwards."""
+    from policyd.config import from_mapping
+    from policyd.server import PolicyServer
+
+    allowed, extra = 4, 2
+    release = asyncio.Event()
+
+    async def answerer(request: bytes) -> bytes:
+        if request.startswith(b"hold"):
+            await release.wait()
+        return b"ok answered"
+
+    path = str(tmp_path / "busy.sock")
+    config = from_mapping({"server": {"socket": path, "max_connections": allowed}}).server
+    server = PolicyServer(config, answerer, lambda cause: b"ok fallback " + cause.encode())
+    await server.start()
+    held: list[Question] = []
+    try:
+        for count in range(1, allowed + 1):
+            question = await Question.connect(path)
+            held.append(question)
+            await question.send(b"hold\n")
+            async with asyncio.timeout(ANSWER_TIMEOUT):  # asked, not merely connected
+                while len(server.open_connections) - len(server.unasked) < count:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+        outcomes = [await _outcome(ask(path, b"rcpt\n")) for _ in range(extra)]
+        release.set()
+        held_outcomes = await asyncio.gather(*(_outcome(q.answer(half_close=False)) for q in held))
+        assert outcomes == ["ok fallback too-many-connections"] * extra
+        assert held_outcomes == ["ok answered"] * allowed
+        assert await ask(path, b"rcpt\n") == b"ok answered"
+    finally:
+        for question in held:
+            question.close()
+        await server.stop(drain_timeout=1.0)
 
 
 async def _outcome(answer: Awaitable[bytes]) -> str:
@@ -312,8 +377,9 @@ def test_same_server_on_uvloop(tmp_path: Path) -> None:
                 got = await question.answer(half_close=False)
             finally:
                 question.close()
-            if got != b"ok fallback deadline":
-                wrong.append(f"deadline: got {got!r}")
+            # request_timeout (250 ms by default) comes before the deadline (300 ms).
+            if got != b"ok fallback request-timeout":
+                wrong.append(f"request timeout: got {got!r}")
             return wrong
 
     assert uvloop.run(scenario()) == []

@@ -126,3 +126,22 @@ def test_pyspf_query_methods_overridden() -> None:
         assert hasattr(query, name), f"spf.query().{name}"
     # Set by check() to the mechanism that matched; read after the evaluation.
     assert "self.mechanism = " in inspect.getsource(spf.query), "spf.query.mechanism"
+
+
+def test_re_parser_parse_tree() -> None:
+    """policyd/hostre.py compiles whitelist host patterns from the parse tree of the private
+    ``re._parser.parse`` (opcodes from ``re._constants``) into a linear-time automaton."""
+    parser = importlib.import_module("re._parser")
+    constants = importlib.import_module("re._constants")
+    parsed = parser.parse(r"^a[0-9]+(b|c)*$", 0)
+    ops = [op for op, _ in parsed]
+    assert ops == [
+        constants.AT,
+        constants.LITERAL,
+        constants.MAX_REPEAT,
+        constants.MAX_REPEAT,
+        constants.AT,
+    ], "re._parser.parse() items are (opcode, argument)"
+    assert hasattr(parsed, "state") and hasattr(parsed.state, "flags")
+    for name in ("GROUPREF", "ASSERT", "ATOMIC_GROUP", "POSSESSIVE_REPEAT", "MAXREPEAT"):
+        assert hasattr(constants, name), f"re._constants.{name}"

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from policyd.config import from_mapping
 from policyd.dispatch import LOGGED_REQUEST_BYTES, Dispatcher
+from policyd.lograte import LogLimiter
 from policyd.model import Action, IPAddress, Query, Stage, Verdict
 from policyd.protocol import (
     MAX_REPLY_TEXT,
@@ -621,6 +622,7 @@ async def test_dispatcher_always_answers(
     dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture, data: bytes
 ) -> None:
     caplog.clear()
+    dispatcher.warnings = LogLimiter()  # one dispatcher for all examples: a fresh window each
     with caplog.at_level(logging.WARNING, logger="policyd.dispatch"):
         answer = await dispatcher.answer(data)
     first = assert_well_formed(answer)[0]

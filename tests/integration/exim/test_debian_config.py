@@ -90,6 +90,7 @@ socket = {socket}
 socket_mode = "0666"
 deadline = "1s"
 fallback = "accept"
+log_decisions = "all"
 
 [store]
 url = {store}

@@ -22,6 +22,7 @@ RATE_CONFIG = """\
 [server]
 socket = {socket}
 socket_mode = "0666"
+log_decisions = "all"
 
 [store]
 url = {store}
