@@ -114,7 +114,9 @@ def _fold(name: str, head: str, items: list[str]) -> str:
     Items are never split, so a fold never falls inside a quoted-string (where unfolding
     would turn the space into a tab); comments come as one item per word."""
     lines = [f"{name}: {head}"]
-    width = len(lines[0])
+    if len(lines[0]) > FOLD_AT:  # a long authserv-id: fold before it (RFC 5322 §2.2.3)
+        lines = [f"{name}:", head]
+    width = len(lines[-1]) + (len(lines) - 1)  # the tab of a continuation line counts
     for item in items:
         if width + 1 + len(item) > FOLD_AT:
             lines.append(item)

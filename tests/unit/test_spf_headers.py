@@ -261,3 +261,12 @@ def test_any_values_give_headers_that_parse(
     check_received_spf(mailfrom, receiver)
     check_received_spf(helo_one, receiver)
     check_authentication_results((helo_one, mailfrom), receiver)
+
+
+def test_a_long_authserv_id_is_folded_before() -> None:
+    receiver = "r" * 30 + "." + "e" * 30 + ".example"
+    one = checked()
+    header = authentication_results((one,), receiver)
+    assert header.startswith(f"Authentication-Results:\n\t{receiver};")
+    check_authentication_results((one,), receiver)
+    check_received_spf(one, receiver)
