@@ -197,6 +197,8 @@ class Dispatcher:
         if self.spf is not None and not query.relay:
             spf = await self._spf(query, txn, now)
             if spf.verdict.is_final:
+                if spf.verdict.action is Action.DEFER:
+                    await self._start_greylist_clock(query, now, spf)
                 return spf.verdict
         # Greylisting before rate limits: a deferred attempt will come back, and must not be
         # counted against a flood limit twice.
@@ -216,6 +218,20 @@ class Dispatcher:
                 labels = (outcome.identity._value_, outcome.result._value_)
                 _child(self._spf_counters, self.metrics.spf, labels).inc()
         return txn.spf
+
+    async def _start_greylist_clock(self, query: Query, now: float, spf: SpfOutcome) -> None:
+        """An SPF deferral (temperror) counts as the greylisting attempt it stands in for, so
+        that a sender is not delayed twice (docs/greylisting.md, "SPF deferrals"): the attempt
+        is recorded under the client-network triplet and under the SPF-domain triplet that a
+        later pass keys on. Both clocks keep the first attempt's time; the greylist verdict is
+        not used (the answer is SPF's deferral), and a store failure only costs the head start.
+        """
+        try:
+            await self.greylist.check(query, now)
+            if spf.domain:
+                await self.greylist.check(query, now, spf_domain=spf.domain)
+        except StoreUnavailable as exc:
+            logger.debug("greylist clock not started for an SPF deferral: %s", exc)
 
     async def _greylist(
         self, query: Query, txn: Transaction, now: float, spf: SpfOutcome | None

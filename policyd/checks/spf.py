@@ -37,6 +37,7 @@ from .spf_eval import (
     authorised_breadth,
     drive,
     evaluate_once,
+    identity_domain,
     without_record,
 )
 from .spf_headers import (
@@ -45,6 +46,7 @@ from .spf_headers import (
     Result,
     authentication_results,
     comment_text,
+    quote_token,
     quote_value,
     received_spf,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "authentication_results",
     "comment_text",
     "decide",
+    "is_checkable",
+    "quote_token",
     "quote_value",
     "received_spf",
     "wide_open",
@@ -164,10 +168,17 @@ def wide_open(ipv4: int, ipv6: int, config: SpfConfig) -> bool:
     )
 
 
+def is_checkable(domain: str) -> bool:
+    """RFC 7208 §4.3: check_host() gives ``none`` without DNS for a domain that is not a
+    multi-label name (``foo@localmx``), and §2.3 for an address literal (``[192.0.2.1]``);
+    the same rule for the MAIL FROM domain and the HELO name."""
+    name = domain.strip().rstrip(".")
+    return "." in name and not name.startswith("[") and all(name.split("."))
+
+
 def helo_is_checkable(helo: str) -> bool:
     """RFC 7208 §2.3/§4.3: only a multi-label domain name, not an address literal."""
-    name = helo.strip().rstrip(".")
-    return "." in name and not name.startswith("[") and all(name.split("."))
+    return is_checkable(helo)
 
 
 # -- temperror give-up memory ------------------------------------------------------------------
@@ -313,7 +324,10 @@ class SpfCheck:
                 checked.append(
                     Checked(Identity.HELO, Result.NONE, helo.lower(), client_ip, "", helo)
                 )
-        if sender:  # a HELO "none" never decides alone (only a HELO fail does)
+        if sender and not is_checkable(identity_domain(sender, helo)):
+            domain = identity_domain(sender, helo).lower()
+            checked.append(Checked(Identity.MAILFROM, Result.NONE, domain, client_ip, sender, helo))
+        elif sender:  # a HELO "none" never decides alone (only a HELO fail does)
             no_record = without_record(self.resolver, sender, helo)
             if no_record is None:
                 return None
@@ -363,10 +377,9 @@ class SpfCheck:
     ) -> tuple[Checked, float]:
         """One identity's result, and until when it holds (resolver clock)."""
         identity = Identity.MAILFROM if sender else Identity.HELO
-        if identity is Identity.HELO and not helo_is_checkable(helo):
-            return Checked(identity, Result.NONE, helo.lower(), client_ip, sender, helo), float(
-                "inf"
-            )
+        domain = identity_domain(sender, helo).lower()
+        if not is_checkable(domain):
+            return Checked(identity, Result.NONE, domain, client_ip, sender, helo), NO_EXPIRY
         view = View(self.resolver)
         try:
             evaluation: Evaluation = await drive(
@@ -377,7 +390,6 @@ class SpfCheck:
                 deadline,
             )
         except Timeout:
-            domain = sender.rpartition("@")[2].lower() if sender else helo.lower()
             logger.info("SPF budget exhausted for %r from %s", sender or helo, client_ip)
             problem = "DNS lookups exceeded the time budget"
             timed_out = Checked(

@@ -233,6 +233,12 @@ def evaluate_once(
     )
 
 
+def identity_domain(sender: str, helo: str) -> str:
+    """The domain an identity is checked for, taken as pyspf takes it (``split_email``: the
+    part after the first ``@``; the HELO name for the null sender)."""
+    return str(spf.split_email(sender, helo)[1])
+
+
 def without_record(resolver: Resolver, sender: str, helo: str) -> tuple[str, float] | None:
     """``(domain, expires)`` when pyspf's answer for this identity is certainly ``none``
     because the domain publishes no SPF record (RFC 7208 §4.5: then the result is ``none``
@@ -244,7 +250,7 @@ def without_record(resolver: Resolver, sender: str, helo: str) -> tuple[str, flo
     domain or one c-ares cannot ask for has no record; a void TXT answer, or one without a
     ``v=spf1`` string, has none either. A miss, a temporary failure or any SPF record goes
     the full way. ``expires`` is when the TXT answer this rests on expires."""
-    domain = spf.split_email(sender, helo)[1]
+    domain = identity_domain(sender, helo)
     for label in domain.split("."):  # dns_spf: a malformed domain has no record
         if not label or len(label) > _MAX_LABEL:
             return domain.lower(), NO_EXPIRY

@@ -250,3 +250,24 @@ async def test_budget_bounds_a_slow_check_and_spares_the_others(
     assert slow_outcome.result is Result.TEMPERROR
     assert slow_outcome.verdict.action is Action.DEFER
     assert BUDGET <= elapsed < BUDGET + SLACK
+
+
+@pytest.mark.parametrize("sender", ["foo@localmx", "foo@LocalMX.", "foo@[192.0.2.1]", "localmx"])
+@pytest.mark.parametrize("helo_mode", ["null-sender", "first"])
+async def test_a_mail_from_domain_that_is_not_multi_label_gives_none(
+    dns: DnsServer, make_check: MakeCheck, sender: str, helo_mode: str
+) -> None:
+    """RFC 7208 §4.3: none without DNS, even when the name publishes ``-all``."""
+    dns.set_zone(
+        {"localmx": [("TXT", "v=spf1 -all")], "fail-helo.example": [("TXT", "v=spf1 -all")]}
+    )
+    check = make_check(helo=helo_mode)
+    outcome = await check.check(query("192.0.2.1", sender), 1000.0)
+    assert (outcome.result, outcome.identity) == (Result.NONE, Identity.MAILFROM)
+    assert outcome.verdict.action is Action.ACCEPT
+    assert not dns.queries("localmx")
+    if helo_mode == "first":  # the HELO identity is still checked, and its fail decides
+        outcome = await make_check(helo=helo_mode).check(
+            query("192.0.2.1", sender, helo="fail-helo.example"), 1000.0
+        )
+        assert (outcome.result, outcome.identity) == (Result.FAIL, Identity.HELO)
