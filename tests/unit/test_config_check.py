@@ -31,6 +31,7 @@ SNIPPETS = REPO / "exim-snippets"
 #: Durations where 0 would switch something off or spin: they must be longer than 0.
 POSITIVE_DURATIONS = {
     "server.deadline",
+    "server.request_timeout",
     "store.expire_interval",
     "store.timeout",
     "store.breaker_reset",
