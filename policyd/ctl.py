@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import __version__
+from . import __version__, configfile
 from .admin_client import (
     DEFAULT_TIMEOUT,
     EXIT_DAEMON_ERROR,
@@ -27,7 +27,7 @@ from .admin_client import (
     Session,
     usage_error,
 )
-from .config import AdminConfig, ConfigError, load, parse_duration
+from .config import ConfigError, load, parse_duration
 from .ctl_commands import (
     Reply,
     cmd_explain,
@@ -45,7 +45,7 @@ from .ctl_commands import (
     cmd_whitelist_remove,
 )
 from .importers import FORMATS
-from .lists import KINDS
+from .lists import KINDS, MAX_CLIENT_PREFIX
 
 __all__ = [
     "EXIT_DAEMON_ERROR",
@@ -126,13 +126,20 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--socket", metavar="PATH", default=default(None), help="admin socket")
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=default(None),
+        help="the admin socket (default: [admin] socket of the daemon's config file)",
+    )
     parser.add_argument(
         "--config",
         "-c",
         metavar="FILE",
         default=default(None),
-        help="daemon config file; its [admin] socket is used",
+        help=f"the daemon's config file, for its [admin] socket (default: ${configfile.ENV_VAR}, "
+        f"else {configfile.SYSTEM_CONFIG} when it exists, else the built-in defaults), "
+        "as policyd finds it",
     )
     parser.add_argument(
         "--json", action="store_true", default=default(False), help="machine-readable output"
@@ -171,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("value", metavar="VALUE")
     add.add_argument("--expires", type=duration_arg, default=0.0, metavar="DURATION")
     add.add_argument("--comment", default=None, metavar="TEXT")
+    add.add_argument(
+        "--force",
+        action="store_true",
+        help=f"accept a client network wider than IPv4 /{MAX_CLIENT_PREFIX[4]} or IPv6 "
+        f"/{MAX_CLIENT_PREFIX[6]}, or a recipient domain without a dot",
+    )
     remove = leaf(whitelist, "remove", cmd_whitelist_remove, "remove an entry")
     remove.add_argument("kind", type=kind_arg, metavar="KIND", help=", ".join(KINDS))
     remove.add_argument("value", metavar="VALUE")
@@ -223,15 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def socket_path(args: argparse.Namespace) -> str:
+def socket_path(args: argparse.Namespace) -> tuple[str, str]:
+    """``--socket``, else the ``[admin] socket`` of the config file policyd would read; and
+    where it came from, for the message when nothing answers there."""
     if args.socket:
-        return str(args.socket)
-    if args.config:
-        try:
-            return load(args.config).admin.socket
-        except ConfigError as exc:
-            usage_error(f"invalid configuration: {exc}")
-    return AdminConfig().socket
+        return str(args.socket), "--socket"
+    choice = configfile.find(args.config)
+    try:
+        path = load(choice.path).admin.socket
+    except ConfigError as exc:
+        where = "" if args.config else f" [{choice.describe()}]"
+        usage_error(f"invalid configuration: {exc}{where}; or name the socket with --socket")
+    if not path:
+        usage_error(f"the admin socket is off in {choice.describe()} ([admin] socket is empty)")
+    return path, f"[admin] socket of {choice.describe()}"
 
 
 def emit(reply: Reply, as_json: bool) -> None:
@@ -249,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse printed the usage error (or --help)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     session: Session | None = None
+    origin = ""
     try:
-        session = Session(socket_path(args), args.timeout)
+        path, origin = socket_path(args)
+        session = Session(path, args.timeout)
         emit(args.func(args, session), args.json)
     except CtlError as exc:
+        if exc.code == EXIT_NOT_RUNNING and origin != "--socket":
+            exc = CtlError(f"{exc}; the path is the {origin}", exc.code)
         print(f"policyctl: {exc}", file=sys.stderr)
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc), "exit": exc.code}))

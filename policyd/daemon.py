@@ -16,12 +16,13 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from . import __version__, systemd
+from . import __version__, configfile, systemd
 from .admin import Admin, AdminServer
 from .config import Config, ConfigError, ServerConfig, load
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .server import PolicyServer
+from .socket_files import SocketSetupError
 from .stores import StoreUnavailable, open_store
 
 logger = logging.getLogger("policyd")
@@ -183,7 +184,13 @@ def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | Non
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="policyd", description="Policy daemon for Exim.")
-    parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help=f"TOML config file (default: ${configfile.ENV_VAR}, else {configfile.SYSTEM_CONFIG} "
+        "when it exists, else the built-in defaults)",
+    )
     parser.add_argument(
         "--check-config", action="store_true", help="validate the config and exit (0 = valid)"
     )
@@ -203,10 +210,12 @@ def run_loop(daemon: Daemon) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    choice = configfile.find(args.config)
     try:
-        config = load(args.config)
+        config = load(choice.path)
     except ConfigError as exc:
-        print(f"policyd: invalid configuration: {exc}", file=sys.stderr)
+        where = "" if args.config else f" [{choice.describe()}]"
+        print(f"policyd: invalid configuration: {exc}{where}", file=sys.stderr)
         return 2
     if args.check_config:
         print(f"policyd: configuration {config.source} is valid")
@@ -217,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"policyd: cannot open log target: {exc}", file=sys.stderr)
         return 1
     try:
-        return run_loop(Daemon(args.config, config))
+        logger.info("configuration: %s", choice.describe())
+        return run_loop(Daemon(choice.path, config))
+    except SocketSetupError as exc:  # the admin's to fix, like an invalid configuration
+        logger.error("cannot start: %s", exc)
+        return 2
     except (OSError, StoreUnavailable) as exc:
         logger.error("cannot start: %s", exc)
         return 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import grp
 import logging
 import os
 import socket
@@ -25,11 +24,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from .config import ServerConfig
+from .socket_files import bind_error, prepare_directory, set_group
 
 logger = logging.getLogger(__name__)
 
 #: Connections beyond max_connections × this are closed on accept instead of answered.
 HARD_CONNECTION_FACTOR = 2
+#: How socket errors name the setting, e.g. "[server] socket_group".
+SOCKET_KEY = "[server] socket"
 #: A deadline this close (seconds) counts as passed when the deadline timer fires.
 TIMER_SLACK = 0.001
 
@@ -298,15 +300,18 @@ class PolicyServer:
                 logger.info("listening on %s", sock.getsockname() or self.config.socket)
 
     async def _bind_unix(self, path: Path, backlog: int) -> asyncio.Server:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_directory(path, self.config.socket_group, SOCKET_KEY)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
                 _refuse_if_live(path)
                 path.unlink()
-        srv = await self.loop.create_unix_server(self._protocol, str(path), backlog=backlog)
+        try:
+            srv = await self.loop.create_unix_server(self._protocol, str(path), backlog=backlog)
+        except PermissionError as exc:
+            raise bind_error(path, exc, SOCKET_KEY) from None
         os.chmod(path, self.config.socket_mode)
         if self.config.socket_group:
-            os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
+            set_group(path, self.config.socket_group, SOCKET_KEY)
         return srv
 
     def tcp_port(self) -> int | None:
