@@ -15,6 +15,7 @@ import math
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import Final
 
 from . import __version__, configfile, systemd
 from .admin import Admin, AdminServer
@@ -182,8 +183,25 @@ def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | Non
     return loop.create_task(ping_forever())
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="policyd", description="Policy daemon for Exim.")
+#: policyd's exit statuses, shown by --help and policyd(8).
+EXIT_STATUS: Final = (
+    (0, "stopped after SIGTERM or SIGINT, or --check-config found the configuration valid"),
+    (1, "could not start or run: store unreachable, log target, socket in use"),
+    (
+        2,
+        "invalid configuration, or a socket or its directory that cannot be set up "
+        "(the message names the path and the fix)",
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyd",
+        description="Policy daemon for Exim: greylisting, rate limits and SPF, asked by "
+        "Exim through ${readsocket} once per recipient and once per message.",
+        epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_STATUS),
+    )
     parser.add_argument(
         "--config",
         "-c",
@@ -194,8 +212,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check-config", action="store_true", help="validate the config and exit (0 = valid)"
     )
-    parser.add_argument("--version", action="version", version=f"policyd {__version__}")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--version", action="version", version=f"policyd {__version__}", help="print the version"
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run_loop(daemon: Daemon) -> int:
