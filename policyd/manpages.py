@@ -122,6 +122,11 @@ def usage(parser: argparse.ArgumentParser, skip: set[str]) -> str:
     return " ".join(parts)
 
 
+def described(actions: Iterator[argparse.Action]) -> list[str]:
+    """One tagged paragraph per option: its names and metavar, then its help."""
+    return [line for action in actions for line in item(option_tag(action), action.help or "")]
+
+
 def exit_status(statuses: tuple[tuple[int, str], ...]) -> list[str]:
     lines = [".SH EXIT STATUS"]
     for code, meaning in statuses:
@@ -146,6 +151,13 @@ def environment_and_files() -> list[str]:
     ]
 
 
+def finish(lines: list[str], statuses: tuple[tuple[int, str], ...], see_also: str) -> str:
+    """The sections every command's page ends with."""
+    lines = [*lines, *exit_status(statuses), *environment_and_files()]
+    lines += [".SH SEE ALSO", text(f"{see_also}, {SEE_ALSO}")]
+    return "\n".join(lines) + "\n"
+
+
 def policyd_page() -> str:
     parser = daemon_parser()
     lines = header("policyd", 8, "policy daemon for Exim: greylisting, rate limits, SPF")
@@ -157,12 +169,8 @@ def policyd_page() -> str:
         "configuration again; an invalid file is refused and the running one kept. Logs go "
         "to stderr (the journal under systemd) unless [server] log_target says syslog."
     )
-    lines += [".SH OPTIONS"]
-    for action in options(parser, set()):
-        lines += item(option_tag(action), action.help or "")
-    lines += exit_status(DAEMON_EXIT_STATUS) + environment_and_files()
-    lines += [".SH SEE ALSO", text(f"policyctl(8), policyd.toml(5), {SEE_ALSO}")]
-    return "\n".join(lines) + "\n"
+    lines += [".SH OPTIONS", *described(options(parser, set()))]
+    return finish(lines, DAEMON_EXIT_STATUS, "policyctl(8), policyd.toml(5)")
 
 
 def policyctl_page() -> str:
@@ -180,9 +188,7 @@ def policyctl_page() -> str:
         "admin socket is the [admin] socket of the configuration file policyd itself reads "
         "(see FILES), so on an installed system no option is needed."
     )
-    lines += [".SH OPTIONS"]
-    for action in options(parser, set()):
-        lines += item(option_tag(action), action.help or "")
+    lines += [".SH OPTIONS", *described(options(parser, set()))]
     lines += [".SH COMMANDS"]
     for name, help_text, sub in leaves(parser):
         lines += [
@@ -190,15 +196,9 @@ def policyctl_page() -> str:
             f"\\fB{text(name)}\\fR {usage(sub, globals_)}".rstrip(),
             text(help_text),
         ]
-        arguments = list(options(sub, globals_))
-        if arguments:
-            lines.append(".RS")
-            for action in arguments:
-                lines += item(option_tag(action), action.help or "")
-            lines.append(".RE")
-    lines += exit_status(CTL_EXIT_STATUS) + environment_and_files()
-    lines += [".SH SEE ALSO", text(f"policyd(8), policyd.toml(5), {SEE_ALSO}")]
-    return "\n".join(lines) + "\n"
+        arguments = described(options(sub, globals_))
+        lines += [".RS", *arguments, ".RE"] if arguments else []
+    return finish(lines, CTL_EXIT_STATUS, "policyd(8), policyd.toml(5)")
 
 
 # --- the configuration ----------------------------------------------------------------------
