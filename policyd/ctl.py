@@ -61,7 +61,7 @@ __all__ = [
 #: policyctl's exit statuses, shown by --help and policyctl(8).
 EXIT_STATUS: Final = (
     (EXIT_OK, "done"),
-    (EXIT_DAEMON_ERROR, "the daemon refused or failed the request; its message is printed"),
+    (EXIT_DAEMON_ERROR, "the daemon refused or failed the request (its message is printed)"),
     (EXIT_USAGE, "usage error (checked before connecting) or an unreadable configuration"),
     (EXIT_NOT_RUNNING, "the daemon is not running: no socket, refused, or no answer"),
     (EXIT_PERMISSION, "permission denied on the admin socket"),

@@ -9,6 +9,7 @@ import pytest
 
 from policyd import configfile
 from policyd.addresses import AddressPatterns
+from policyd.ctl_commands import HASHED_NOTE, SENDER_NOTE, key_notes
 from policyd.importers import parse
 from policyd.lists import MAX_CLIENT_PREFIX, ListError, normalise_entry
 
@@ -89,3 +90,14 @@ def test_imports_skip_what_the_command_line_refuses() -> None:
     ]
     assert [s.line for s in parsed.skipped] == [1]
     assert "has no '@'" in parsed.skipped[0].reason
+
+
+def test_greylist_show_notes() -> None:
+    plain = ["192.0.2.0/24|alice@example.net|b@example.org"]
+    assert key_notes(None, plain) == []
+    assert key_notes("Alice@Example.NET", plain) == [
+        "sender Alice@Example.NET is keyed as alice@example.net"
+    ]
+    assert key_notes(None, ["192.0.2.0/24|v#@six.example|b@example.org"]) == [SENDER_NOTE]
+    hashed = "~" + "A" * 22
+    assert key_notes(None, [f"{hashed}|{hashed}|{hashed}"]) == [HASHED_NOTE]
