@@ -2,7 +2,7 @@
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 PYTEST_ARGS ?=
 
-.PHONY: check format lint types test test-min bench bench-full run lock outdated fresh-check
+.PHONY: check format lint types test test-min bench bench-full run lock outdated fresh-check man
 
 check: lint types test
 
@@ -48,6 +48,11 @@ fresh-check:
 
 run:
 	$(PYTHON) -m policyd
+
+# policyd(8), policyctl(8), policyd.toml(5) from the parsers and the config schema; commit
+# the result (tests/unit/test_manpages.py fails when man/ differs from what this writes).
+man:
+	$(PYTHON) -m policyd.manpages man
 
 # bench: per question (floor, policyd, greylistd, postgrey) then per message through Exim;
 # ~3.5 minutes. Both write bench/results/*.json and *.md (see bench/README.md).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from .lists import MAX_ENTRIES, ListEntry, ListError, Whitelist, normalise_entry
 from .metrics import rss_bytes
 from .model import Query, Stage
 from .protocol import ProtocolError, normalise_ip
-from .sockets import remove_stale_socket
+from .sockets import bind_error, prepare_directory, remove_stale_socket, set_group
 from .stores import Store, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -40,6 +39,8 @@ MAX_LINE: Final = 1 << 20
 MAX_ADMIN_CONNECTIONS: Final = 4
 #: How often the shared whitelist's version is read (one tiny store read each time).
 LIST_POLL_INTERVAL: Final = 0.25
+#: How socket errors name the setting, e.g. "[admin] socket_group".
+ADMIN_SOCKET_KEY: Final = "[admin] socket"
 #: Rows one listing returns unless the request asks for fewer.
 DEFAULT_LIMIT: Final = 100
 
@@ -151,7 +152,8 @@ class Admin:
         prepared = []
         for item in items:
             kind = _text(item, "kind", required=True)
-            value = normalise_entry(kind, _text(item, "value", required=True))
+            force = item.get("force") is True
+            value = normalise_entry(kind, _text(item, "value", required=True), force=force)
             ttl = _number(item, "expires_in", 0.0)
             comment = _text(item, "comment")[:200]
             prepared.append(ListEntry(kind, value, now + ttl if ttl else 0.0, comment, now))
@@ -169,7 +171,7 @@ class Admin:
 
     async def whitelist_remove(self, request: dict[str, Any]) -> dict[str, Any]:
         kind = _text(request, "kind", required=True)
-        value = normalise_entry(kind, _text(request, "value", required=True))
+        value = normalise_entry(kind, _text(request, "value", required=True), force=True)
         removed = await self.store.list_remove(kind, value)
         await self.reload_whitelist()
         if not removed:
@@ -188,7 +190,7 @@ class Admin:
         network: str | None = None
         if client:
             if "/" in client:
-                network = normalise_entry("client", client)
+                network = normalise_entry("client", client, force=True)  # a filter
             else:
                 network = client_network(
                     normalise_ip(client), config.ipv4_prefix, config.ipv6_prefix
@@ -307,7 +309,7 @@ class AdminServer:
 
     async def start(self) -> None:
         path = Path(self.config.socket)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_directory(path, self.config.socket_group, ADMIN_SOCKET_KEY)
         # A live admin socket belongs to another daemon: taking it over (and deleting it at
         # our stop) would make the running one unreachable for policyctl.
         remove_stale_socket(path)
@@ -315,11 +317,13 @@ class AdminServer:
         old_umask = os.umask(0o777 & ~self.config.socket_mode)
         try:
             self._server = await asyncio.start_unix_server(self._serve, str(path), limit=MAX_LINE)
+        except PermissionError as exc:
+            raise bind_error(path, exc, ADMIN_SOCKET_KEY) from None
         finally:
             os.umask(old_umask)
         os.chmod(path, self.config.socket_mode)
         if self.config.socket_group:
-            os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
+            set_group(path, self.config.socket_group, ADMIN_SOCKET_KEY)
         logger.info("admin socket on %s", path)
 
     async def stop(self) -> None:

@@ -68,28 +68,98 @@ from .protocol import DEFAULT_MAX_REQUEST_BYTES
 class ServerConfig:
     """``[server]``: listeners and the named limits that protect them."""
 
-    socket: str = opt(str(DEFAULT_STATE_DIR / "policyd.sock"), _conv_str)
-    socket_mode: int = opt(0o660, _conv_mode)
-    socket_group: str = opt("", _conv_str)
-    tcp: str = opt("", _tcp)
+    socket: str = opt(
+        str(DEFAULT_STATE_DIR / "policyd.sock"),
+        _conv_str,
+        (
+            "Unix socket Exim asks on (empty: none). A missing directory is created with "
+            "mode 0750 and group socket_group when the daemon may; otherwise the start "
+            "stops with exit status 2, naming the command that creates it."
+        ),
+    )
+    socket_mode: int = opt(0o660, _conv_mode, 'Octal mode of the socket, e.g. "0660".')
+    socket_group: str = opt(
+        "",
+        _conv_str,
+        (
+            "Group of the socket and of a socket directory the daemon creates, e.g. "
+            "\"Debian-exim\"; the daemon's user must be a member. Empty: the daemon's "
+            "group."
+        ),
+    )
+    tcp: str = opt(
+        "",
+        _tcp,
+        (
+            'Optional TCP listener, "host:port" such as "127.0.0.1:10031" (port 0: any '
+            "free port). Empty: none."
+        ),
+    )
     #: Whole-connection budget, well under the 2 s readsocket timeout of our snippets.
-    deadline: float = opt(1.0, _positive_duration)
-    #: Accept → complete request; Exim writes it at once, so only idle or slow clients
-    #: reach it. They are closed, and do not hold a slot until the deadline.
-    request_timeout: float = opt(0.25, _positive_duration)
-    max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, _positive)
+    deadline: float = opt(
+        1.0,
+        _positive_duration,
+        (
+            "Whole-connection budget, accept to answer written; a question over it gets "
+            "the fallback answer. Keep it below the readsocket timeout of the Exim "
+            "snippets (2s)."
+        ),
+    )
+    request_timeout: float = opt(
+        0.25,
+        _positive_duration,
+        (
+            "Accept to complete request: Exim writes its request at once, so only idle or "
+            "slow clients reach this. They are closed and do not hold a connection slot "
+            "until the deadline; one that sent part of a request gets the fallback answer."
+        ),
+    )
+    max_request_bytes: int = opt(
+        DEFAULT_MAX_REQUEST_BYTES, _positive, "A longer request gets the fallback answer."
+    )
     #: Open connections answered normally; Exim's own smtp_accept_max defaults to 20, so
     #: this leaves room for idle or slow clients without turning checks off.
-    max_connections: int = opt(1024, _positive)
-    #: What a question over a limit (busy, deadline, store down) is answered.
-    fallback: str = opt("accept", _choice("accept", "defer"))
-    drain_timeout: float = opt(5.0, _duration)
-    log_level: str = opt("info", _choice("debug", "info", "warning", "error"))
-    #: Decision lines at INFO: those that change something (refusals, first passes), all,
-    #: or none; the others are DEBUG (policyd/decisions.py).
-    log_decisions: str = opt("changes", _choice("changes", "all", "none"))
-    #: stderr (journald under systemd) or the local syslog socket /dev/log.
-    log_target: str = opt("stderr", _choice("stderr", "syslog"))
+    max_connections: int = opt(
+        1024,
+        _positive,
+        (
+            "Questions beyond this many open connections get the fallback answer without "
+            "being evaluated; beyond twice as many, connections are closed at once."
+        ),
+    )
+    fallback: str = opt(
+        "accept",
+        _choice("accept", "defer"),
+        (
+            "The answer when the daemon cannot decide (store down, deadline passed, too "
+            'many connections): accept ("ok fallback CAUSE") or defer (451 4.3.0).'
+        ),
+    )
+    drain_timeout: float = opt(
+        5.0, _duration, "On SIGTERM, how long open questions may finish before they are cut short."
+    )
+    log_level: str = opt(
+        "info",
+        _choice("debug", "info", "warning", "error"),
+        (
+            "debug, info (decisions as log_decisions says), warning or error; SIGHUP "
+            "applies a change."
+        ),
+    )
+    log_decisions: str = opt(
+        "changes",
+        _choice("changes", "all", "none"),
+        (
+            "Which decision lines are logged at INFO: changes (refusals and first passes; "
+            "passes of known triplets, whitelisted clients and early retries at DEBUG), all, "
+            "or none (every decision at DEBUG)."
+        ),
+    )
+    log_target: str = opt(
+        "stderr",
+        _choice("stderr", "syslog"),
+        "stderr (the journal under systemd) or syslog (/dev/log).",
+    )
     syslog_facility: str = opt(
         "mail",
         _choice(
@@ -104,6 +174,7 @@ class ServerConfig:
             "local6",
             "local7",
         ),
+        'Facility with log_target = "syslog": mail, daemon, local0 to local7.',
     )
 
 
@@ -111,57 +182,174 @@ class ServerConfig:
 class StoreConfig:
     """``[store]``: where state lives (embedded SQLite by default)."""
 
-    url: str = opt(f"sqlite://{DEFAULT_STATE_DIR / 'policyd.sqlite3'}", _store_url)
-    #: SQLite page cache; bounds the store's memory whatever the number of rows.
-    cache_kib: int = opt(4096, _positive)
-    #: Rows removed per expiry step; expiry runs in small steps, never stop-the-world.
-    expire_batch: int = opt(500, _positive)
-    expire_interval: float = opt(10.0, _positive_duration)
-    #: SQLite: questions share one write transaction this long (group commit).
-    commit_interval: float = opt(0.005, _duration)
+    url: str = opt(
+        f"sqlite://{DEFAULT_STATE_DIR / 'policyd.sqlite3'}",
+        _store_url,
+        (
+            "Where state lives: sqlite://PATH (everything after sqlite:// is the path, so"
+            " sqlite:///var/lib/policyd/policyd.sqlite3 is absolute), or Redis: "
+            "redis://[user:pass@]host[:port][/db], rediss:// (TLS), "
+            "unix:///path/redis.sock[?db=N], "
+            "redis+sentinel://[user:pass@]h1:p1,h2:p2/service[/db], "
+            "redis+cluster://[user:pass@]h1:p1,h2:p2, and rediss+sentinel://, "
+            "rediss+cluster:// over TLS."
+        ),
+    )
+    cache_kib: int = opt(
+        4096,
+        _positive,
+        ("SQLite page cache in KiB; bounds the store's memory whatever the number of rows."),
+    )
+    expire_batch: int = opt(
+        500, _positive, "SQLite: rows deleted per expiry step; expiry never runs as one long sweep."
+    )
+    expire_interval: float = opt(10.0, _positive_duration, "SQLite: pause between expiry steps.")
+    commit_interval: float = opt(
+        0.005,
+        _duration,
+        (
+            "SQLite: the rows answered questions changed are written together this often; "
+            "answers are given before the commit, so a crash loses at most this much "
+            "triplet and rate state."
+        ),
+    )
     # Redis (docs/redis.md); ignored by the embedded store unless noted.
-    #: Namespace of every Redis key (``policyd:t:{…}…``); lets several setups share a Redis.
-    prefix: str = opt("policyd", _redis_prefix)
-    #: Budget of one Redis round trip (connect included); well under ``server.deadline``.
-    timeout: float = opt(0.25, _positive_duration)
-    #: Consecutive failed round trips that open the circuit (answer the fallback at once).
-    breaker_failures: int = opt(3, _positive)
-    #: While open, one probe goes through this often; success closes the circuit.
-    breaker_reset: float = opt(1.0, _positive_duration)
-    #: TLS (``rediss://``, ``rediss+sentinel://``, ``rediss+cluster://``): CA bundle to
-    #: verify the servers, client certificate and key.
-    tls_ca_file: str = opt("", _conv_str)
-    tls_cert_file: str = opt("", _conv_str)
-    tls_key_file: str = opt("", _conv_str)
-    #: Keyed hashing (HMAC-SHA256) of stored keys, any store; the same secret on every MX.
-    hash_secret: str = field(default="", repr=False, metadata={"conv": _hash_secret})
-    hash_secret_file: str = opt("", _conv_str)
+    prefix: str = opt(
+        "policyd",
+        _redis_prefix,
+        (
+            "Redis: namespace of every key, 1 to 64 of A-Z a-z 0-9 _ . : -; several "
+            "setups can share one Redis with different prefixes."
+        ),
+    )
+    timeout: float = opt(
+        0.25,
+        _positive_duration,
+        (
+            "Redis: budget of one round trip, connect and queueing included, then the "
+            "fallback answer; shorter than server.deadline."
+        ),
+    )
+    breaker_failures: int = opt(
+        3,
+        _positive,
+        (
+            "Redis: consecutive failed round trips that open the circuit; questions then "
+            "get the fallback answer at once."
+        ),
+    )
+    breaker_reset: float = opt(
+        1.0,
+        _positive_duration,
+        (
+            "Redis: while the circuit is open, one probe goes through this often; the "
+            "first success closes it."
+        ),
+    )
+    tls_ca_file: str = opt(
+        "",
+        _conv_str,
+        ("rediss: CA bundle that signed the server's certificate (empty: the system's)."),
+    )
+    tls_cert_file: str = opt(
+        "", _conv_str, "rediss: client certificate, when the server asks for one."
+    )
+    tls_key_file: str = opt("", _conv_str, "rediss: the client certificate's key.")
+    hash_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "conv": _hash_secret,
+            "doc": (
+                "Any store: key material is stored as HMAC-SHA256 with this secret (at least "
+                "16 bytes, the same on every MX sharing a store); empty: off."
+            ),
+        },
+    )
+    hash_secret_file: str = opt(
+        "",
+        _conv_str,
+        (
+            "The hash secret read from a file (e.g. a systemd credential), surrounding "
+            "whitespace stripped; not together with hash_secret."
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class GreylistConfig:
     """``[greylist]``: design.md §3 greylisting."""
 
-    enabled: bool = opt(True, _conv_bool)
-    delay: float = opt(300.0, _duration)
-    retry_window: float = opt(2 * 86400.0, _positive_duration)
-    max_age: float = opt(35 * 86400.0, _positive_duration)
-    auto_whitelist_after: int = opt(5, _conv_int)
-    ipv4_prefix: int = opt(24, _prefix(32))
-    ipv6_prefix: int = opt(64, _prefix(128))
-    learn: bool = opt(False, _conv_bool)
-    skip_authenticated: bool = opt(True, _conv_bool)
-    #: Questions from the outbound fragment (relay hosts, authenticated clients).
-    skip_relay: bool = opt(True, _conv_bool)
-    whitelist_clients: tuple[IPNetwork, ...] = opt(
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
+    enabled: bool = opt(True, _conv_bool, "Greylist at RCPT.")
+    delay: float = opt(
+        300.0,
+        _duration,
+        (
+            "A retry sooner than this after the first attempt is deferred again (the "
+            "first attempt is kept, the clock not reset)."
+        ),
     )
-    whitelist_recipients: tuple[str, ...] = opt(("postmaster@", "abuse@"), _conv_str_list)
-    multi_recipient: str = opt("first", _choice("first", "each"))
-    add_header: bool = opt(True, _conv_bool)
+    retry_window: float = opt(
+        2 * 86400.0,
+        _positive_duration,
+        "An unpassed triplet not retried within this is forgotten; longer than delay.",
+    )
+    max_age: float = opt(
+        35 * 86400.0,
+        _positive_duration,
+        ("A passed triplet, and an auto-whitelisted client, unused this long is forgotten."),
+    )
+    auto_whitelist_after: int = opt(
+        5,
+        _conv_int,
+        ("A client network that passed this many distinct triplets skips greylisting (0: never)."),
+    )
+    ipv4_prefix: int = opt(24, _prefix(32), "Prefix length of the client network in the key, IPv4.")
+    ipv6_prefix: int = opt(
+        64, _prefix(128), "Prefix length of the client network in the key, IPv6."
+    )
+    learn: bool = opt(
+        False,
+        _conv_bool,
+        ("Record every triplet but defer nothing, to fill the auto-whitelist before going live."),
+    )
+    skip_authenticated: bool = opt(True, _conv_bool, "Authenticated senders are not greylisted.")
+    skip_relay: bool = opt(
+        True,
+        _conv_bool,
+        (
+            "Questions from outbound.acl (relay hosts and authenticated clients, relay=1)"
+            " are not greylisted; on Debian, Exim's relay_from_hosts includes localhost."
+        ),
+    )
+    whitelist_clients: tuple[IPNetwork, ...] = opt(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        _conv_networks,
+        "Client networks (CIDR, IPv4 and IPv6) never greylisted; loopback by default.",
+    )
+    whitelist_recipients: tuple[str, ...] = opt(
+        ("postmaster@", "abuse@"),
+        _conv_str_list,
+        (
+            "Recipients that opt out: user@domain, user@ (that local part in every "
+            "domain), domain or @domain."
+        ),
+    )
+    multi_recipient: str = opt(
+        "first",
+        _choice("first", "each"),
+        (
+            "first: the first greylisted recipient decides for the whole message, which "
+            "is never split; each: every recipient on its own."
+        ),
+    )
+    add_header: bool = opt(
+        True, _conv_bool, "Return an X-Greylist header at DATA when a message was delayed."
+    )
     message: str = opt(
         "Greylisted: your mail server must retry; a new sender is accepted after {delay}",
         _conv_str,
+        "The SMTP text of a deferral; {delay} becomes the delay in words.",
     )
 
 
@@ -169,21 +357,61 @@ class GreylistConfig:
 class RateRule:
     """One ``[[ratelimit.rule]]``: what is counted, per which key, how fast, and the action."""
 
-    name: str = opt("", _conv_str)
-    key: tuple[str, ...] = opt(("client",), _key_parts)
-    count: str = opt("messages", _choice("connections", "messages", "recipients", "bytes"))
-    rate: tuple[int, float] = opt((100, 3600.0), _rate)
-    #: Units admitted at once; 0 means the rate's count (a full period's worth).
-    burst: int = opt(0, _conv_int)
-    stage: str = opt("rcpt", _choice("rcpt", "data"))
-    action: str = opt("defer", _choice("defer", "reject"))
-    dry_run: bool = opt(False, _conv_bool)
-    ipv4_prefix: int = opt(32, _prefix(32))
-    ipv6_prefix: int = opt(64, _prefix(128))
-    exempt_clients: tuple[IPNetwork, ...] = opt((), _conv_networks)
-    exempt_users: tuple[str, ...] = opt((), _lower_list)
-    exempt_senders: tuple[str, ...] = opt((), _lower_list)
-    message: str = opt("Too much mail ({rule}); please try again {retry}", _conv_str)
+    name: str = opt(
+        "",
+        _conv_str,
+        "Required and unique; in logs, metrics, the 451 text and policyctl ratelimit.",
+    )
+    key: tuple[str, ...] = opt(
+        ("client",),
+        _key_parts,
+        (
+            "What is counted per: client, sender, sender_domain, auth, recipient, "
+            "recipient_domain, or a list of them; a question missing a part is not "
+            "counted by the rule."
+        ),
+    )
+    count: str = opt(
+        "messages",
+        _choice("connections", "messages", "recipients", "bytes"),
+        "connections, messages, recipients or bytes (bytes only at stage data).",
+    )
+    rate: tuple[int, float] = opt(
+        (100, 3600.0), _rate, 'Count per period: "100/1h", "10/m", "5/90s".'
+    )
+    burst: int = opt(0, _conv_int, "Units admitted at once; 0: the rate's count.")
+    stage: str = opt("rcpt", _choice("rcpt", "data"), "rcpt or data (recipient keys need rcpt).")
+    action: str = opt(
+        "defer",
+        _choice("defer", "reject"),
+        "defer (451 4.7.1, with the time to retry) or reject (550 5.7.1).",
+    )
+    dry_run: bool = opt(
+        False, _conv_bool, "Never refuse; log and count (would_limit) what would have been refused."
+    )
+    ipv4_prefix: int = opt(
+        32, _prefix(32), "Client network of the client key part, IPv4 prefix length."
+    )
+    ipv6_prefix: int = opt(
+        64, _prefix(128), "Client network of the client key part, IPv6 prefix length."
+    )
+    exempt_clients: tuple[IPNetwork, ...] = opt(
+        (), _conv_networks, "Client networks (CIDR) this rule does not apply to."
+    )
+    exempt_users: tuple[str, ...] = opt(
+        (), _lower_list, "Authenticated ids this rule does not apply to."
+    )
+    exempt_senders: tuple[str, ...] = opt(
+        (), _lower_list, "Senders (user@domain, user@, domain) this rule does not apply to."
+    )
+    message: str = opt(
+        "Too much mail ({rule}); please try again {retry}",
+        _conv_str,
+        (
+            'The SMTP text; {rule} becomes the rule\'s name, {retry} "in N seconds" ("in 1'
+            ' second") or "later".'
+        ),
+    )
 
     @property
     def effective_burst(self) -> int:
@@ -211,11 +439,13 @@ def _rules(value: object, key: str) -> tuple[RateRule, ...]:
 class RatelimitConfig:
     """``[ratelimit]``: flood protection rules (``[[ratelimit.rule]]``)."""
 
-    enabled: bool = opt(True, _conv_bool)
+    enabled: bool = opt(True, _conv_bool, "Rate-limit rules apply.")
     exempt_clients: tuple[IPNetwork, ...] = opt(
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        _conv_networks,
+        "Client networks no rule applies to; loopback by default.",
     )
-    rule: tuple[RateRule, ...] = opt((), _rules)
+    rule: tuple[RateRule, ...] = opt((), _rules, "The rules, as [[ratelimit.rule]] tables.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,66 +453,142 @@ class SpfConfig:
     """``[spf]``: SPF checks (docs/spf.md). Off by default: turning it on makes the daemon
     query DNS for every new sender domain."""
 
-    enabled: bool = opt(False, _conv_bool)
-    #: DNS servers (``host:port``); empty: the system's (/etc/resolv.conf).
-    nameservers: tuple[str, ...] = opt((), _nameservers)
-    #: Total time budget of one check; then the result is temperror. Below [server] deadline.
-    timeout: float = opt(0.8, _positive_duration)
-    #: One DNS query, c-ares retries included.
-    query_timeout: float = opt(0.5, _positive_duration)
-    #: DNS answers cached at once (LRU, ~0.4 KiB each); bounds the cache's memory.
-    cache_size: int = opt(5_000, _positive)
+    enabled: bool = opt(
+        False, _conv_bool, "Check SPF; on, the daemon queries DNS for every new sender domain."
+    )
+    nameservers: tuple[str, ...] = opt(
+        (),
+        _nameservers,
+        (
+            'DNS servers as "address" or "address:port" ("127.0.0.1:5353", "[::1]:53"); '
+            "empty: those of /etc/resolv.conf."
+        ),
+    )
+    timeout: float = opt(
+        0.8, _positive_duration, "Total budget of one check, then temperror; below server.deadline."
+    )
+    query_timeout: float = opt(0.5, _positive_duration, "One DNS query, c-ares retries included.")
+    cache_size: int = opt(5_000, _positive, "DNS answers cached (LRU, about 0.4 KiB each).")
     #: SPF results cached per (client IP, sender, HELO) until their DNS answers expire (LRU,
     #: ~0.5 KiB each): a repeat check costs a look-up instead of an evaluation.
-    result_cache_size: int = opt(1_000, _positive)
-    #: How long NXDOMAIN/NODATA answers are cached.
-    negative_ttl: float = opt(300.0, _duration)
-    #: ``null-sender``: the HELO identity is checked when MAIL FROM is <> (RFC 7208 §2.4);
-    #: ``first``: also checked first for every sender, and a HELO fail decides (§2.3).
-    helo: str = opt("null-sender", _choice("null-sender", "first"))
-    skip_authenticated: bool = opt(True, _conv_bool)
-    #: Relay hosts and other clients never checked.
-    skip_clients: tuple[IPNetwork, ...] = opt(
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _conv_networks
+    result_cache_size: int = opt(
+        1_000,
+        _positive,
+        (
+            "SPF results cached per (client IP, sender, HELO) until their DNS answers "
+            "expire (LRU, about 0.5 KiB each)."
+        ),
     )
-    #: fail: ``reject`` (550 5.7.23) or ``tag`` (accept, headers only).
-    fail_action: str = opt("reject", _choice("reject", "tag"))
-    #: softfail is accepted with headers; this many seconds are added to the greylist delay.
-    softfail_greylist_delay: float = opt(0.0, _duration)
-    #: permerror: ``accept`` (headers only) or ``reject`` (550 5.7.24).
-    permerror_action: str = opt("accept", _choice("accept", "reject"))
-    #: temperror: ``defer`` (451 4.4.3) until the give-up rule, or ``accept`` at once.
-    temperror_action: str = opt("defer", _choice("defer", "accept"))
-    #: Give-up rule for one (client IP, sender): accept once it was deferred this many
-    #: times, or once this long has passed since its first temperror.
-    temperror_max_defers: int = opt(3, _conv_int)
-    temperror_max_time: float = opt(3600.0, _duration)
-    #: authserv-id of Authentication-Results (RFC 8601 §2.5); empty: the host name.
-    authserv_id: str = opt("", _conv_str)
-    received_spf_header: bool = opt(True, _conv_bool)
-    authentication_results_header: bool = opt(True, _conv_bool)
-    #: Wide-open guard for greylisting keyed on an SPF-pass domain: a record authorising
-    #: more addresses in total than one IPv4 /N or IPv6 /N keeps network keying.
-    greylist_max_ipv4_prefix: int = opt(12, _prefix(32))
-    greylist_max_ipv6_prefix: int = opt(32, _prefix(128))
+    negative_ttl: float = opt(300.0, _duration, "How long NXDOMAIN and NODATA answers are cached.")
+    helo: str = opt(
+        "null-sender",
+        _choice("null-sender", "first"),
+        (
+            "null-sender: the HELO identity is checked when MAIL FROM is <> (RFC 7208 "
+            "section 2.4); first: also checked first for every sender, and a HELO fail "
+            "decides."
+        ),
+    )
+    skip_authenticated: bool = opt(True, _conv_bool, "Authenticated senders are not checked.")
+    skip_clients: tuple[IPNetwork, ...] = opt(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        _conv_networks,
+        "Client networks never checked (relay hosts); loopback by default.",
+    )
+    fail_action: str = opt(
+        "reject",
+        _choice("reject", "tag"),
+        "fail: reject (550 5.7.23) or tag (accept, headers only).",
+    )
+    softfail_greylist_delay: float = opt(
+        0.0,
+        _duration,
+        "softfail is accepted with headers; this much is added to the greylist delay.",
+    )
+    permerror_action: str = opt(
+        "accept",
+        _choice("accept", "reject"),
+        "permerror: accept (headers only) or reject (550 5.7.24).",
+    )
+    temperror_action: str = opt(
+        "defer",
+        _choice("defer", "accept"),
+        "temperror: defer (451 4.4.3) until the give-up rule, or accept at once.",
+    )
+    temperror_max_defers: int = opt(
+        3,
+        _conv_int,
+        ("Give-up rule: accept once one (client IP, sender) was deferred this many times."),
+    )
+    temperror_max_time: float = opt(
+        3600.0,
+        _duration,
+        "Give-up rule: accept once this long has passed since its first temperror.",
+    )
+    authserv_id: str = opt(
+        "",
+        _conv_str,
+        ("authserv-id of Authentication-Results (RFC 8601 section 2.5); empty: the host name."),
+    )
+    received_spf_header: bool = opt(
+        True, _conv_bool, "Return a Received-SPF header for Exim to add at DATA."
+    )
+    authentication_results_header: bool = opt(
+        True, _conv_bool, "Return an Authentication-Results header for Exim to add at DATA."
+    )
+    greylist_max_ipv4_prefix: int = opt(
+        12,
+        _prefix(32),
+        (
+            "Wide-open guard for greylisting keyed on an SPF-pass domain: a record "
+            "authorising more addresses in total than one IPv4 /N keeps network keying."
+        ),
+    )
+    greylist_max_ipv6_prefix: int = opt(
+        32, _prefix(128), "The same guard for IPv6: more than one IPv6 /N keeps network keying."
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """``[metrics]``: the Prometheus exporter (needs prometheus-client)."""
 
-    enabled: bool = opt(True, _conv_bool)
-    #: Loopback by default; port 0 picks a free port (tests).
-    listen: str = opt("127.0.0.1:9477", _tcp)
+    enabled: bool = opt(
+        True,
+        _conv_bool,
+        (
+            "Serve Prometheus metrics (needs prometheus-client; without it they are off "
+            "and a warning says so)."
+        ),
+    )
+    listen: str = opt(
+        "127.0.0.1:9477",
+        _tcp,
+        (
+            "The /metrics HTTP listener, host:port; port 0: any free port (logged). One "
+            "that cannot bind is logged and skipped."
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     """``[admin]``: the policyctl socket, separate from Exim's so Exim cannot administer."""
 
-    socket: str = opt(str(DEFAULT_STATE_DIR / "policyd-admin.sock"), _conv_str)
-    socket_mode: int = opt(0o600, _conv_mode)
-    socket_group: str = opt("", _conv_str)
+    socket: str = opt(
+        str(DEFAULT_STATE_DIR / "policyd-admin.sock"),
+        _conv_str,
+        (
+            "The policyctl socket (empty: none), separate from Exim's so that Exim cannot"
+            " administer; its directory is created as for server.socket."
+        ),
+    )
+    socket_mode: int = opt(
+        0o600, _conv_mode, "Its octal mode; whoever may connect may change policy."
+    )
+    socket_group: str = opt(
+        "", _conv_str, 'Its group (e.g. "policyd" for admins, with socket_mode = "0660").'
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,9 +189,10 @@ def _redis_prefix(value: object, key: str) -> str:
     return text
 
 
-def opt(default: Any, conv: Callable[[object, str], Any]) -> Any:
-    """A config field with its default and its converter."""
-    return field(default=default, metadata={"conv": conv})
+def opt(default: Any, conv: Callable[[object, str], Any], doc: str = "") -> Any:
+    """A config field with its default, its converter and its description: the one text
+    policyd.toml(5) shows for the key (``policyd.manpages``; a test wants it for every key)."""
+    return field(default=default, metadata={"conv": conv, "doc": doc})
 
 
 _RATE_RE: Final = re.compile(r"\s*([0-9]+)\s*/\s*([0-9.]*\s*(?:ms|s|m|h|d|w)?)\s*")

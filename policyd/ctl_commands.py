@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from .addresses import normalise_sender
 from .admin_client import Session, usage_error
+from .checks.greylist import KEY_SEPARATOR
 from .importers import FORMATS, parse
 from .lists import ListError, normalise_entry
 from .protocol import ProtocolError, normalise_ip
+from .stores.keys import HASH_MARK
 
 #: Entries per ``whitelist.add`` request during an import (well under admin.MAX_LINE).
 IMPORT_BATCH: Final = 500
@@ -60,9 +63,9 @@ def flatten(data: Any, prefix: str = "") -> Iterator[str]:
 # --- input checks -------------------------------------------------------------------------
 
 
-def entry_value(kind: str, value: str) -> str:
+def entry_value(kind: str, value: str, *, force: bool = False) -> str:
     try:
-        return normalise_entry(kind, value)
+        return normalise_entry(kind, value, force=force)
     except ListError as exc:
         usage_error(str(exc))
 
@@ -87,13 +90,14 @@ def cmd_ping(args: argparse.Namespace, session: Session) -> Reply:
 
 
 def cmd_whitelist_add(args: argparse.Namespace, session: Session) -> Reply:
-    value = entry_value(args.kind, args.value)
+    value = entry_value(args.kind, args.value, force=args.force)
     result = session.call(
         "whitelist.add",
         kind=args.kind,
         value=value,
         expires_in=args.expires or None,
         comment=args.comment,
+        force=args.force or None,
     )
     lines = [
         f"added {e['kind']} {e['value']} (expires {when(e['expires'])})"
@@ -104,7 +108,7 @@ def cmd_whitelist_add(args: argparse.Namespace, session: Session) -> Reply:
 
 def cmd_whitelist_remove(args: argparse.Namespace, session: Session) -> Reply:
     result = session.call(
-        "whitelist.remove", kind=args.kind, value=entry_value(args.kind, args.value)
+        "whitelist.remove", kind=args.kind, value=entry_value(args.kind, args.value, force=True)
     )
     removed = result["removed"]
     return Reply(result, [f"removed {removed['kind']} {removed['value']}"])
@@ -139,7 +143,33 @@ def cmd_greylist_show(args: argparse.Namespace, session: Session) -> Reply:
         ]
         for t in result
     ]
-    return Reply(result, table(["TRIPLET", "STATE", "ATTEMPTS", "FIRST SEEN", "LAST SEEN"], rows))
+    lines = table(["TRIPLET", "STATE", "ATTEMPTS", "FIRST SEEN", "LAST SEEN"], rows)
+    return Reply(result, lines + key_notes(args.sender, [t["key"] for t in result]))
+
+
+#: Printed under a listing whose keys hold a sender that normalisation changed visibly.
+SENDER_NOTE: Final = (
+    "note: the sender in a key is normalised so that a sender's retries match: lower case, "
+    "BATV and SRS unwrapped, +tag dropped, digit runs and hex runs of 8+ as # (VERP); "
+    "the address as sent is not stored (docs/greylisting.md)"
+)
+HASHED_NOTE: Final = (
+    "note: keys are hashed ([store] hash_secret); filter with --client, --sender, --recipient "
+    "to find a triplet"
+)
+
+
+def key_notes(sender: str | None, keys: list[str]) -> list[str]:
+    """What a reader needs to connect the stored keys with the addresses they know."""
+    notes = []
+    if sender and (keyed := normalise_sender(sender)) != sender:
+        notes.append(f"sender {sender} is keyed as {keyed}")
+    senders = [key.split(KEY_SEPARATOR)[1] for key in keys if key.count(KEY_SEPARATOR) == 2]
+    if any("#" in s for s in senders) or (sender and "#" in normalise_sender(sender)):
+        notes.append(SENDER_NOTE)
+    if any(s.startswith(HASH_MARK) for s in senders):
+        notes.append(HASHED_NOTE)
+    return notes
 
 
 def cmd_greylist_pass(args: argparse.Namespace, session: Session) -> Reply:

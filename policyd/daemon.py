@@ -16,14 +16,16 @@ import signal
 import sqlite3
 import sys
 from dataclasses import dataclass, field
+from typing import Final
 
-from . import __version__, systemd
+from . import __version__, configfile, systemd
 from .admin import Admin, AdminServer
 from .config import Config, ConfigError, ServerConfig, load
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .preflight import Problem, Refused, database_refusal, preflight
 from .server import PolicyServer
+from .sockets import SocketSetupError
 from .stores import StoreUnavailable, open_store
 
 logger = logging.getLogger("policyd")
@@ -202,14 +204,43 @@ def _start_watchdog(loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | Non
     return loop.create_task(ping_forever())
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="policyd", description="Policy daemon for Exim.")
-    parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+#: policyd's exit statuses, shown by --help and policyd(8).
+EXIT_STATUS: Final = (
+    (0, "stopped after SIGTERM or SIGINT, or --check-config found the configuration valid"),
+    (1, "could not start or run: store unreachable, log target, socket in use"),
+    (
+        2,
+        "invalid configuration, or a socket or its directory that cannot be set up "
+        "(the message names the path and the fix)",
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyd",
+        description="Policy daemon for Exim: greylisting, rate limits and SPF, asked by "
+        "Exim through ${readsocket} once per recipient and once per message.",
+        epilog="exit status: " + "; ".join(f"{code} {text}" for code, text in EXIT_STATUS),
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help=f"TOML config file (default: ${configfile.ENV_VAR}, else {configfile.SYSTEM_CONFIG} "
+        "when it exists, else the built-in defaults)",
+    )
     parser.add_argument(
         "--check-config", action="store_true", help="validate the config and exit (0 = valid)"
     )
-    parser.add_argument("--version", action="version", version=f"policyd {__version__}")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--version", action="version", version=f"policyd {__version__}", help="print the version"
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run_loop(daemon: Daemon) -> int:
@@ -233,10 +264,12 @@ def refuse(problems: list[Problem]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    choice = configfile.find(args.config)
     try:
-        config = load(args.config)
+        config = load(choice.path)
     except ConfigError as exc:
-        return refuse([Problem(str(exc))])
+        where = "" if args.config else f" [{choice.describe()}]"
+        return refuse([Problem(f"{exc}{where}")])
     # The same checks for --check-config and for a start: they refuse the same files.
     problems = preflight(config)
     if any(p.fatal for p in problems):
@@ -254,9 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         logger.warning("%s", problem)
     try:
-        return run_loop(Daemon(args.config, config))
+        logger.info("configuration: %s", choice.describe())
+        return run_loop(Daemon(choice.path, config))
     except Refused as exc:
         return refuse([Problem(str(exc))])
+    except SocketSetupError as exc:  # the admin's to fix, like an invalid configuration
+        logger.error("cannot start: %s", exc)
+        return EXIT_REFUSED
     except (OSError, StoreUnavailable) as exc:
         logger.error("cannot start: %s", exc)
         return 1

@@ -29,8 +29,14 @@ KINDS: Final = {
     "(no backreferences or lookaround; postgrey imports)",
     "sender_domain": "sender domain (only when SPF passes for it)",
     "sender": "sender address",
-    "recipient": "recipient that opts out: user@domain, user@ or a domain",
+    "recipient": "recipient that opts out: user@domain, user@ (any domain) or a domain",
 }
+#: The widest client network accepted without ``force`` (``policyctl --force``), by IP
+#: version: an IPv4 /8 is the largest block ever assigned to one organisation (the legacy
+#: class A) and the widest a postgrey/sqlgrey import writes (``10`` is 10.0.0.0/8); an IPv6
+#: /16 is wider than any single RIR allocation (the largest are around /19). Anything wider
+#: (``0.0.0.0/0``, ``::/0``, a missing digit) whitelists a good part of the Internet.
+MAX_CLIENT_PREFIX: Final = {4: 8, 6: 16}
 #: Bound on entries, so a runaway import cannot exhaust memory (each entry ~400 bytes in
 #: memory, so this caps the whitelist at ~8 MiB; postgrey ships a few hundred).
 MAX_ENTRIES: Final = 20_000
@@ -73,8 +79,14 @@ class ListStore(Protocol):
         ...
 
 
-def normalise_entry(kind: str, value: str) -> str:
-    """The canonical form of ``value`` for ``kind``; raises ListError when invalid."""
+def normalise_entry(kind: str, value: str, *, force: bool = False) -> str:
+    """The canonical form of ``value`` for ``kind``; raises ListError when invalid.
+
+    Without ``force``, two values that are valid but almost certainly a mistake are refused
+    too: a client network wider than MAX_CLIENT_PREFIX, and a recipient with neither an
+    ``@`` nor a dot (``postmaster`` would be a domain named "postmaster"; ``postmaster@`` is
+    the local part in every domain, ``@name`` a domain without a dot). Removing an entry
+    passes ``force``, so whatever is stored can be removed."""
     text = value.strip()
     if kind not in KINDS:
         raise ListError(f"unknown whitelist kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -82,9 +94,17 @@ def normalise_entry(kind: str, value: str) -> str:
         raise ListError(f"empty {kind}")
     if kind == "client":
         try:
-            return str(ipaddress.ip_network(text, strict=False))
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ListError(f"{text!r} is not an IP address or CIDR") from None
+        widest = MAX_CLIENT_PREFIX[network.version]
+        if network.prefixlen < widest and not force:
+            raise ListError(
+                f"{network} covers 2^{network.max_prefixlen - network.prefixlen} addresses, "
+                f'wider than an IPv{network.version} /{widest}; add --force ("force": true) '
+                "if you mean it"
+            )
+        return str(network)
     if kind == "client_host_re":
         if len(text) > _MAX_REGEX:
             raise ListError("regular expression too long")
@@ -101,6 +121,12 @@ def normalise_entry(kind: str, value: str) -> str:
         return lowered
     if kind == "sender" and ("@" not in lowered or lowered.startswith("@")):
         raise ListError(f"{text!r} is not an address (user@domain)")
+    if kind == "recipient" and "@" not in lowered and "." not in lowered and not force:
+        raise ListError(
+            f"{text!r} has no '@': write {lowered}@ for that local part in every domain, "
+            f"{lowered}@example.org for one address, or a domain name: example.org, or "
+            f"@{lowered} for a domain without a dot"
+        )
     return lowered
 
 

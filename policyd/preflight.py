@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from .config import Config
+from .sockets import directory_fix
 from .stores.keys import MIN_SECRET_BYTES, KeyHasher
 from .stores.sqlite import SCHEMA, SCHEMA_VERSION, path_from_url
 
@@ -134,8 +135,9 @@ def _group_problem(key: str, name: str) -> Problem | None:
     return None
 
 
-def _directory_problem(key: str, path: Path) -> Problem | None:
-    """The directory that will hold ``path`` exists and is writable, or can be created."""
+def _directory_problem(key: str, path: Path, fix: str = "") -> Problem | None:
+    """The directory that will hold ``path`` exists and is writable, or can be created;
+    ``fix`` is added to the line when it is not."""
     parent = path.absolute().parent
     missing = parent
     while not missing.exists() and missing != missing.parent:
@@ -144,7 +146,7 @@ def _directory_problem(key: str, path: Path) -> Problem | None:
         return Problem(f"{key}: cannot create directory {parent}: {missing} is not a directory")
     if not _may(missing, os.W_OK | os.X_OK):
         verb = "write to" if missing == parent else f"create {parent} in"
-        return Problem(f"{key}: user {_user()} cannot {verb} directory {missing}")
+        return Problem(f"{key}: user {_user()} cannot {verb} directory {missing}{fix}")
     return None
 
 
@@ -171,7 +173,9 @@ def _socket_problems(section: str, socket: str, group: str) -> list[Problem]:
         return found
     if mode is not None and not stat.S_ISSOCK(mode):
         found.append(Problem(f"{key}: {path} exists and is not a socket: move it aside"))
-    elif problem := _directory_problem(key, path):
+    elif problem := _directory_problem(
+        key, path, f"; {directory_fix(path.absolute().parent, group)}"
+    ):
         found.append(problem)
     return found
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import grp
 import logging
 import os
 import socket
@@ -31,12 +30,20 @@ from typing import Any, cast
 
 from .config import ServerConfig
 from .lograte import LogLimiter
-from .sockets import raise_file_limit, remove_stale_socket
+from .sockets import (
+    bind_error,
+    prepare_directory,
+    raise_file_limit,
+    remove_stale_socket,
+    set_group,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Connections beyond max_connections × this are closed on accept instead of answered.
 HARD_CONNECTION_FACTOR = 2
+#: How socket errors name the setting, e.g. "[server] socket_group".
+SOCKET_KEY = "[server] socket"
 #: A deadline this close (seconds) counts as passed when the deadline timer fires.
 TIMER_SLACK = 0.001
 #: File descriptors kept free beyond the connections (store, logs, admin and metrics
@@ -376,12 +383,15 @@ class PolicyServer:
                 logger.info("listening on %s", sock.getsockname() or self.config.socket)
 
     async def _bind_unix(self, path: Path, backlog: int) -> asyncio.Server:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_directory(path, self.config.socket_group, SOCKET_KEY)
         remove_stale_socket(path)
-        srv = await self.loop.create_unix_server(self._protocol, str(path), backlog=backlog)
+        try:
+            srv = await self.loop.create_unix_server(self._protocol, str(path), backlog=backlog)
+        except PermissionError as exc:
+            raise bind_error(path, exc, SOCKET_KEY) from None
         os.chmod(path, self.config.socket_mode)
         if self.config.socket_group:
-            os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
+            set_group(path, self.config.socket_group, SOCKET_KEY)
         return srv
 
     def tcp_port(self) -> int | None:

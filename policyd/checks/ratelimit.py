@@ -182,7 +182,8 @@ def verdict_for(decisions: Sequence[Decision], rules: dict[str, RateRule]) -> Ve
     worst = max(refused, key=lambda d: d.outcome.retry_after)
     rule = rules[worst.charge.rule]
     wait = worst.outcome.retry_after
-    when = "later" if math.isinf(wait) else f"in {max(1, math.ceil(wait))} seconds"
+    seconds = 0 if math.isinf(wait) else max(1, math.ceil(wait))
+    when = f"in {seconds} second{'' if seconds == 1 else 's'}" if seconds else "later"
     text = rule.message.replace("{rule}", rule.name).replace("{retry}", when)
     if rule.action == "reject":
         return Verdict(Action.REJECT, REJECT_CODE, REJECT_ECODE, text, CHECK, rule.name)

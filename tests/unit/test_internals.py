@@ -145,3 +145,20 @@ def test_re_parser_parse_tree() -> None:
     assert hasattr(parsed, "state") and hasattr(parsed.state, "flags")
     for name in ("GROUPREF", "ASSERT", "ATOMIC_GROUP", "POSSESSIVE_REPEAT", "MAXREPEAT"):
         assert hasattr(constants, name), f"re._constants.{name}"
+
+
+def test_argparse_parser_structure() -> None:
+    """policyd/manpages.py lists options and sub-commands through argparse's private
+    ``ArgumentParser._actions``, ``_SubParsersAction`` (``choices``, ``_choices_actions``)
+    and ``_HelpAction``: argparse has no public API for walking a parser."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("--flag", help="a flag")
+    subs = parser.add_subparsers(dest="command")
+    subs.add_parser("run", help="run it")
+    kinds = [type(a) for a in parser._actions]
+    assert argparse._HelpAction in kinds and argparse._SubParsersAction in kinds
+    (sub_action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub_action.choices) == ["run"]
+    assert [(c.dest, c.help) for c in sub_action._choices_actions] == [("run", "run it")]

@@ -157,6 +157,15 @@ async def test_defer_text_says_when_to_retry() -> None:
     assert (await rl.check(rcpt(ip="192.0.2.11"), 0.0, set())).verdict is None
 
 
+async def test_defer_text_says_one_second_in_the_singular() -> None:
+    rl = limiter([{"name": "per-client", "rate": "1/1s"}], MemoryRateStore())
+    assert (await rl.check(rcpt(), 0.0, set())).verdict is None
+    refused = (await rl.check(rcpt(), 0.5, set())).verdict
+    assert refused is not None
+    assert refused.text == "Too much mail (per-client); please try again in 1 second"
+    assert refused.text.isascii()
+
+
 async def test_reject_only_when_the_rule_says_so() -> None:
     rl = limiter([{"name": "hard", "rate": "1/1h", "action": "reject"}], MemoryRateStore())
     await rl.check(rcpt(), 0.0, set())

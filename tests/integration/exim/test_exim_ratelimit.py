@@ -16,7 +16,7 @@ from .conftest import Exim, Lab, Policyd
 INBOUND_CLIENT = "192.0.2.77"
 OTHER_CLIENT = "198.51.100.77"
 RELAY_CLIENT = "203.0.113.25"  # test.conf's relay_from_hosts
-RETRY_RE = re.compile(r"try again in ([0-9]+) seconds")
+RETRY_RE = re.compile(r"try again in ([0-9]+) seconds?\b")
 
 RATE_CONFIG = """\
 [server]
