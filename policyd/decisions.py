@@ -60,11 +60,15 @@ _LEVEL_PREFIX: Final = {
 def decision_line(query: Query, verdict: Verdict) -> str:
     # ``_value_`` (the enum member's plain attribute) and ``ip_text()``: ``.value`` is a
     # Python descriptor, and ipaddress's ``str()`` of an IPv6 address is a Python loop.
-    recipient = query.recipient if query.stage is Stage.RCPT else ",".join(query.recipients)
+    # At DATA the count, not the list: each recipient has its own line from RCPT (same
+    # txn=), and a list post to thousands must not make a line of hundreds of KiB.
+    recipients = (
+        f"rcpt={query.recipient!r}" if query.stage is Stage.RCPT else f"nrcpt={query.nrcpt}"
+    )
     return (
         f"decision stage={query.stage._value_} client={ip_text(query.client)} "
         f"sender={query.sender!r} "
-        f"rcpt={recipient!r} helo={query.helo!r} txn={query.txn or '-'} "
+        f"{recipients} helo={query.helo!r} txn={query.txn or '-'} "
         f"action={verdict.action._value_} check={verdict.check or '-'} "
         f"reason={verdict.reason or '-'}"
     )

@@ -28,6 +28,7 @@ from .lograte import LogLimiter
 from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
+from .stale import MICROSECONDS, Age, RateLimitedLog, classify
 from .stores import QuestionStore, Store, StoreUnavailable
 from .stores.keys import HashedStore
 from .stores.timed import TimedStore
@@ -103,6 +104,8 @@ class Dispatcher:
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
         self.conns = TransactionMemory()
+        self._stale_log = RateLimitedLog("answered the fallback to questions Exim gave up on")
+        self._odd_time_log = RateLimitedLog("ignored an implausible t= (clocks disagree?)")
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -155,8 +158,11 @@ class Dispatcher:
             self.metrics.bad_requests.inc()
             return error_answer(f"bad request: {exc}")
         try:
-            # The stage's coroutine directly: one frame less than a shared decide().
             now = self.clock()
+            if query.asked and self._gave_up(query, now):
+                # Not decided, not logged or counted as a decision: only as a fallback.
+                return self.fallback("stale")
+            # The stage's coroutine directly: one frame less than a shared decide().
             if query.stage is Stage.RCPT:
                 verdict = await self._rcpt(query, now)
             else:
@@ -176,6 +182,22 @@ class Dispatcher:
         self.decisions.record(query, verdict)
         self._count(query.stage, verdict, time.perf_counter() - started)
         return format_answer(verdict)
+
+    def _gave_up(self, query: Query, now: float) -> bool:
+        """Whether Exim stopped waiting for this question before we read it (``t=``;
+        policyd/stale.py); an implausible ``t=`` is ignored with a rate-limited warning."""
+        age = classify(query.asked, now)
+        if age is Age.FRESH:
+            return False
+        detail = (
+            f"{query.stage._value_} client={query.client} txn={query.txn!r} "
+            f"age={now - query.asked / MICROSECONDS:.3f}s"
+        )
+        if age is Age.STALE:
+            self._stale_log.event(now, detail)
+            return True
+        self._odd_time_log.event(now, detail)
+        return False
 
     def _fallback_verdict(self, cause: str) -> Verdict:
         self.metrics.fallbacks.labels(cause).inc()

@@ -52,6 +52,8 @@ class Query:
     lines: int = 0
     msgid: str = ""
     port: int = 0
+    #: when Exim asked (``t=``, microseconds since the epoch); 0 when not sent
+    asked: int = 0
 
 
 @dataclass(frozen=True, slots=True)

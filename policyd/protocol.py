@@ -38,6 +38,7 @@ _INT_FIELDS: Final = {
     "lines": "lines",
     "port": "port",
     "relay": "relay",
+    "t": "asked",
 }
 _TOKEN_FIELDS: Final = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
 _B64, _INT, _TOKEN = 0, 1, 2

@@ -26,8 +26,9 @@ def rcpt(txn: str, to: str, ip: str = "192.0.2.10", conn: str = "c1") -> bytes:
 
 
 def data(txn: str, rcpts: list[str], ip: str = "192.0.2.10", conn: str = "c1") -> bytes:
+    """As data.acl asks: the recipient count, not the list (each was asked at RCPT)."""
     return (
-        f"data v=1 ip={ip} from_b64={b64('a@example.net')} rcpts_b64={b64(', '.join(rcpts))} "
+        f"data v=1 ip={ip} from_b64={b64('a@example.net')} "
         f"nrcpt={len(rcpts)} size=1000 txn={txn} conn={conn}\n"
     ).encode()
 
@@ -122,3 +123,22 @@ async def test_dry_run_defers_nothing_and_counts_would_limit(make, caplog) -> No
     assert all(a.startswith(b"ok") for a in answers)
     assert disp.ratelimit.counters["dry"].would_limit == 2
     assert "rule=dry" in caplog.text and "would refuse" in caplog.text
+
+
+async def test_a_list_post_is_counted_and_logged_from_its_count(make, caplog) -> None:  # type: ignore[no-untyped-def]
+    disp, _ = await make(
+        [{"name": "rcpts-data", "count": "recipients", "rate": "6000/1h", "stage": "data"}]
+    )
+    members = [f"m{i}@lists.example.org" for i in range(5000)]
+    with caplog.at_level("INFO", logger="policyd.decision"):
+        assert await disp.answer(data("post1", members)) == b"ok"
+        # 5,000 of 6,000 used: a second post of the same size is over the limit.
+        assert (await disp.answer(data("post2", members))).startswith(b"defer 451 4.7.1 ")
+        # A question from the fragment of 0.1.0, with the list: the same count, and the
+        # list is not written to the decision line.
+        listed = f"data v=1 ip=192.0.2.99 rcpts_b64={b64(', '.join(members[:100]))} nrcpt=100"
+        assert await disp.answer(listed.encode()) == b"ok"
+    assert disp.ratelimit.counters["rcpts-data"].allowed == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "policyd.decision"]
+    assert [line.split(" nrcpt=")[1].split()[0] for line in lines] == ["5000", "5000", "100"]
+    assert all("@lists.example.org" not in line and len(line) < 400 for line in lines)

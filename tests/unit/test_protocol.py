@@ -68,7 +68,8 @@ def assert_well_formed(answer: bytes) -> list[str]:
 
 RCPT = (
     "rcpt v=1 ip=192.0.2.10 port=25 helo_b64=bXguZXhhbXBsZS5uZXQ= from_b64=YUBleGFtcGxlLm5ldA== "
-    "rcpt_b64=YkB0ZXN0LmV4YW1wbGU= auth_b64= txn=12345-1732560000123456 nrcpt=1"
+    "rcpt_b64=YkB0ZXN0LmV4YW1wbGU= auth_b64= txn=12345-1732560000123456 nrcpt=1 "
+    "t=1732560000123789"
 )
 
 
@@ -83,22 +84,38 @@ def test_parses_the_documented_rcpt_request() -> None:
         txn="12345-1732560000123456",
         nrcpt=1,
         port=25,
+        asked=1732560000123789,
     )
 
 
 def test_parses_the_documented_data_request() -> None:
     request = (
-        f"DATA v=1 ip=2001:DB8::0:1 from_b64= rcpts_b64={b64('a@x.example, b@y.example,')} "
-        f"nrcpt=2 size=1234 bodysize=1000 lines=20 auth_b64={b64('Jörg')} msgid=1tFq9Z-000abc-Xy"
+        f"DATA v=1 ip=2001:DB8::0:1 from_b64= nrcpt=2 size=1234 bodysize=1000 lines=20 "
+        f"auth_b64={b64('Jörg')} t=1732560000123789 msgid=1tFq9Z-000abc-Xy"
     )
     query = parse_request(request.encode() + b"\r\n")
     assert query.stage is Stage.DATA
     assert query.client == ipaddress.IPv6Address("2001:db8::1")
     assert query.sender == ""
-    assert query.recipients == ("a@x.example", "b@y.example")
+    assert query.recipients == ()
     assert (query.nrcpt, query.size, query.body_size, query.lines) == (2, 1234, 1000, 20)
     assert query.auth == "Jörg"
     assert query.msgid == "1tFq9Z-000abc-Xy"
+    assert query.asked == 1732560000123789
+
+
+def test_the_deprecated_recipient_list_is_still_parsed() -> None:
+    # data.acl of policyd 0.1.0 sent the list (docs/protocol.md): v1 keys keep their meaning.
+    request = f"data v=1 ip=192.0.2.1 rcpts_b64={b64('a@x.example, b@y.example,')} nrcpt=2"
+    query = parse_request(request.encode())
+    assert query.recipients == ("a@x.example", "b@y.example")
+    assert query.nrcpt == 2
+
+
+@pytest.mark.parametrize("value", ["", "soon", "-1", "1.5", "1" * 19])
+def test_a_time_that_is_not_a_number_is_a_bad_request(value: str) -> None:
+    with pytest.raises(ProtocolError, match="t= is not a number"):
+        parse_request(f"data v=1 ip=192.0.2.1 t={value}".encode())
 
 
 @pytest.mark.parametrize("ending", [b"", b"\n", b"\r\n"])
@@ -338,6 +355,7 @@ REFERENCE_COUNTS = {
     "lines": "lines",
     "port": "port",
     "relay": "relay",
+    "t": "asked",
 }
 REFERENCE_TOKENS = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
 
@@ -526,6 +544,7 @@ def queries(draw: st.DrawFn) -> Query:
         lines=draw(COUNTS),
         msgid=draw(TOKENS),
         port=draw(st.integers(0, 65535)),
+        asked=draw(COUNTS),
     )
 
 
@@ -541,7 +560,7 @@ def encode(query: Query) -> bytes:
     words += [f"{key}={b64(value)}" for key, value in texts.items()]
     words += [f"txn={query.txn}", f"conn={query.conn}", f"msgid={query.msgid}"]
     counts = {"nrcpt": query.nrcpt, "size": query.size, "bodysize": query.body_size}
-    counts |= {"lines": query.lines, "port": query.port}
+    counts |= {"lines": query.lines, "port": query.port, "t": query.asked}
     words += [f"{key}={value}" for key, value in counts.items()]
     return " ".join(words).encode() + b"\n"
 

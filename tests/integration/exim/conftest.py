@@ -183,7 +183,7 @@ DAEMON_CONFIG = """\
 socket = {socket}
 socket_mode = "0666"
 deadline = "1s"
-fallback = "accept"
+fallback = "{fallback}"
 
 [store]
 url = {store}
@@ -219,6 +219,8 @@ class Policyd:
     process: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     said_ready: bool = False
+    #: ``[server] fallback``: "accept" or "defer"
+    fallback: str = "accept"
 
     @property
     def socket(self) -> Path:
@@ -238,6 +240,7 @@ class Policyd:
                 socket=json.dumps(str(self.socket)),
                 admin=json.dumps(str(self.directory / "admin.sock")),
                 store=json.dumps(f"sqlite://{self.directory / 'state.sqlite3'}"),
+                fallback=self.fallback,
                 delay=int(GREYLIST_DELAY),
                 whitelisted=WHITELISTED_CLIENT,
                 whitelisted_rcpts=json.dumps(WHITELISTED_RECIPIENTS),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from .conftest import (
     Policyd,
     retry_until,
     sleep_until,
+    wait_for,
 )
 
 pytestmark = pytest.mark.exim
@@ -72,3 +74,27 @@ def test_triplet_survives_a_restart(exim: Exim, policyd_factory: Factory) -> Non
     later = retry_until(attempt, lambda r: r.rcpt_codes == [250], 3.0)
     assert later.rcpt_codes == [250], later.describe() + "\n" + daemon.log_text()
     assert not [line for line in later.log_lines if NO_ANSWER_LOG in line]
+
+
+def test_a_stopped_daemon_does_not_decide_what_exim_gave_up_on(
+    exim: Exim, policyd_factory: Factory
+) -> None:
+    daemon = policyd_factory("sigstop")
+    assert daemon.process is not None
+    sender = "stopped@example.org"
+    daemon.process.send_signal(signal.SIGSTOP)  # by PID, our own child
+    try:
+        # The question waits in the daemon's backlog; Exim's 2 s timer fires: fail-open.
+        result = exim.bh("192.0.2.50", sender, ["s@test.example"], socket_path=daemon.socket)
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+    assert result.rcpt_codes == [250], result.describe()
+    assert any(NO_ANSWER_LOG in line and "unreachable" in line for line in result.log_lines)
+
+    # Read after SIGCONT, the question is older than Exim's timeout (t=): the fallback,
+    # not a greylisting decision (which would say "defer" for a recipient Exim accepted).
+    wait_for(lambda: "Exim gave up on" in daemon.log_text(), 5, "the stale-question warning")
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert f"sender={sender!r}" not in log, log
+    assert "1 question(s)" in log, log
