@@ -23,19 +23,17 @@ from typing import Final
 
 from .config import Config
 from .sockets import directory_fix
+from .stale import EXIM_TIMEOUT
 from .stores.keys import MIN_SECRET_BYTES, KeyHasher
 from .stores.sqlite import SCHEMA, SCHEMA_VERSION, path_from_url
 
-#: ``${readsocket}`` timeout of the shipped fragments (POLICYD_TIMEOUT in
-#: exim-snippets/00_policyd). Exim gives up after it, so a longer deadline is never heard.
-READSOCKET_TIMEOUT: Final = 2.0
 #: The longest RCPT question the shipped fragments send (exim-snippets/rcpt.acl, and
 #: outbound.acl's with ``relay=1``) with every field at its limit: IPv6 address in full
 #: (39), port (5), host name and HELO of 255 octets, sender, recipient and authenticated id
 #: of 254 (the RFC 5321 §4.5.3.1.3 path limit), each base64-encoded (340), ids
-#: ``$pid-$tod_epoch_l`` (24), a 5-digit recipient count. tests/unit/test_config_check.py
-#: rebuilds it from the fragments.
-FRAGMENT_RCPT_REQUEST_BYTES: Final = 1892
+#: ``$pid-$tod_epoch_l`` (24), a 5-digit recipient count, ``t=$tod_epoch_l`` (16).
+#: tests/unit/test_config_check.py rebuilds it from the fragments.
+FRAGMENT_RCPT_REQUEST_BYTES: Final = 1911
 #: sockaddr_un.sun_path is 108 bytes on Linux, the path plus its NUL (unix(7)).
 SUN_PATH_MAX: Final = 107
 #: The first 16 bytes of every SQLite 3 database file (sqlite.org/fileformat.html §1.3).
@@ -75,10 +73,10 @@ def warnings(config: Config) -> list[Problem]:
     """Allowed values that are likely to hurt: the daemon starts, the operator is told."""
     found: list[Problem] = []
     deadline = config.server.deadline
-    if deadline >= READSOCKET_TIMEOUT:
+    if deadline >= EXIM_TIMEOUT:
         found.append(
             Problem(
-                f"server.deadline: {deadline:g}s is not shorter than the {READSOCKET_TIMEOUT:g}s "
+                f"server.deadline: {deadline:g}s is not shorter than the {EXIM_TIMEOUT:g}s "
                 "readsocket timeout of the shipped Exim fragments (POLICYD_TIMEOUT): Exim "
                 "gives up first and the fallback answer is never heard",
                 fatal=False,
