@@ -28,7 +28,7 @@ from .metrics import rss_bytes
 from .model import Query, Stage
 from .protocol import ProtocolError, normalise_ip
 from .sockets import bind_error, prepare_directory, remove_stale_socket, set_group
-from .stores import Store, StoreUnavailable
+from .stores import AdminStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,11 @@ def _number(request: dict[str, Any], name: str, default: float) -> float:
 
 
 class Admin:
-    """Command handlers over the dispatcher (policy, whitelist) and the raw store."""
+    """Command handlers over the dispatcher (policy, whitelist) and the store's
+    administrative side."""
 
     def __init__(
-        self, dispatcher: Dispatcher, store: Store, clock: Callable[[], float] = time.time
+        self, dispatcher: Dispatcher, store: AdminStore, clock: Callable[[], float] = time.time
     ):
         self.dispatcher = dispatcher
         self.store = store
@@ -292,9 +293,7 @@ class Admin:
             "transactions_remembered": len(dispatcher.txns),
             "ratelimit": {name: asdict(t) for name, t in dispatcher.ratelimit.counters.items()},
         }
-        stats = getattr(self.store, "stats", None)
-        if stats is not None:
-            figures["store"] = await stats(dispatcher.config.greylist.auto_whitelist_after)
+        figures["store"] = await self.store.stats(dispatcher.config.greylist.auto_whitelist_after)
         return figures
 
 

@@ -26,7 +26,7 @@ def _verdict_fields(verdict: Verdict) -> dict[str, Any]:
 
 async def explain(dispatcher: Dispatcher, query: Query, now: float) -> dict[str, Any]:
     """Per-check findings and the answer the next real question would get."""
-    store = dispatcher.raw_store
+    store = dispatcher.raw_store.admin
     checks: list[dict[str, Any]] = []
     final: Verdict | None = None
 

@@ -21,20 +21,18 @@ class StoreUnavailable(Exception):
 
 
 class QuestionStore(GreylistStore, RateLimitStore, Protocol):
-    """What answering a question needs, plus the lifecycle."""
-
-    async def start(self) -> None:
-        """Open connections and prove the store answers (READY waits for this)."""
-
-    async def aclose(self) -> None:
-        """Flush and close; the store must not be used afterwards."""
+    """What answering a question needs: the dispatcher sees nothing else."""
 
 
 class AdminStore(ListStore, Protocol):
-    """What ``policyctl`` needs: read state without changing it, list, pass and delete.
+    """What ``policyctl`` and the daemon's housekeeping need: read state without changing
+    it, list, pass and delete, and the backend's figures. Never on the question path.
 
     A scan names key segments (split on ``|``): a string matches that segment exactly, None
     matches anything; each backend turns that into its own pattern syntax and escaping."""
+
+    async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
+        """Figures for metrics and ``policyctl stats`` (what the backend can count cheaply)."""
 
     async def greylist_peek(
         self, triplet_key: str, client_key: str
@@ -57,8 +55,19 @@ class AdminStore(ListStore, Protocol):
     async def ratelimit_delete(self, keys: Sequence[str]) -> int: ...
 
 
-class Store(QuestionStore, AdminStore, Protocol):
-    """Everything the daemon needs from one backend."""
+class Store(QuestionStore, Protocol):
+    """One backend as the composition root holds it: the question path, its lifecycle, and
+    its administrative side as a separate object."""
+
+    @property
+    def admin(self) -> AdminStore:
+        """The administrative side, sharing the backend's connections."""
+
+    async def start(self) -> None:
+        """Open connections and prove the store answers (READY waits for this)."""
+
+    async def aclose(self) -> None:
+        """Flush and close; the store must not be used afterwards."""
 
 
 async def open_store(config: StoreConfig) -> Store:

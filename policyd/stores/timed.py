@@ -25,12 +25,6 @@ class TimedStore:
             metrics.store_errors.labels("ratelimit"),
         )
 
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
     # Timing inline rather than through a shared helper coroutine: one coroutine frame less
     # on every question.
     async def greylist_step(
