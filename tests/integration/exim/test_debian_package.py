@@ -196,6 +196,14 @@ def test_install_greylist_through_exim_remove_purge(deb: Path, tmp_path: Path) -
         assert "action=defer check=greylist reason=new" in decisions[0], decisions
         assert "action=ok check=greylist reason=passed" in decisions[-1], decisions
 
+        # An upgrade (here: the same version again) keeps the hook and its fragments.
+        again = ok(
+            ["apt-get", "install", "--reinstall", "-y", "-q", str(deb)],
+            env=APT_ENV,
+        )
+        assert "nothing to change, already enabled" in again, again
+        assert run(["policyctl", "exim", "status"]).returncode == 0
+
         # apt remove: the hook taken out, the daemon stopped, Exim as it was.
         removal = ok(["apt-get", "remove", "-y", "-q", PACKAGE], env=APT_ENV)
         assert daemon.wait(timeout=30) is not None, removal
