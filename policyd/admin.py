@@ -312,17 +312,19 @@ class AdminServer:
         # A live admin socket belongs to another daemon: taking it over (and deleting it at
         # our stop) would make the running one unreachable for policyctl.
         remove_stale_socket(path)
-        # Created with the final mode: no window where the socket is more open than asked.
-        old_umask = os.umask(0o777 & ~self.config.socket_mode)
+        # Created for its owner only, then given its group, then its mode: no window where
+        # the socket is more open than asked, nor open to the group of a setgid directory
+        # (/run/policyd is setgid Debian-exim, and Exim must not administer).
+        old_umask = os.umask(0o777 & ~(self.config.socket_mode & 0o700))
         try:
             self._server = await asyncio.start_unix_server(self._serve, str(path), limit=MAX_LINE)
         except PermissionError as exc:
             raise bind_error(path, exc, ADMIN_SOCKET_KEY) from None
         finally:
             os.umask(old_umask)
-        os.chmod(path, self.config.socket_mode)
         if self.config.socket_group:
             set_group(path, self.config.socket_group, ADMIN_SOCKET_KEY)
+        os.chmod(path, self.config.socket_mode)
         logger.info("admin socket on %s", path)
 
     async def stop(self) -> None:
