@@ -101,6 +101,19 @@ def _is_whitelisted(client: Client | None, now: float, timing: Timing) -> bool:
     )
 
 
+def _unexpired(triplet: Triplet | None, now: float, timing: Timing) -> Triplet | None:
+    """The stored triplet, or None when it has expired (an unpassed one not retried within
+    the retry window, a passed one unused for max_age) or was first seen in the future (the
+    clock stepped back)."""
+    if triplet is None or now < triplet.first_seen:
+        return None
+    if triplet.passed:
+        expired = now - triplet.last_seen > timing.max_age
+    else:
+        expired = now - triplet.first_seen > timing.retry_window
+    return None if expired else triplet
+
+
 def step(
     triplet: Triplet | None,
     client: Client | None,
@@ -115,12 +128,7 @@ def step(
         assert client is not None
         refreshed = Client(client.passes, now)
         return Step(Status.AUTO, None, 0.0, refreshed, now + timing.max_age, 0.0, 0.0)
-    live = triplet
-    if live is not None:
-        expired_unpassed = not live.passed and now - live.first_seen > timing.retry_window
-        expired_passed = live.passed and now - live.last_seen > timing.max_age
-        if expired_unpassed or expired_passed or now < live.first_seen:
-            live = None
+    live = _unexpired(triplet, now, timing)
     if live is None and not force_pass:
         fresh = Triplet(now, now, False, 1)
         expires = now + timing.retry_window
