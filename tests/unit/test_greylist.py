@@ -225,26 +225,14 @@ async def test_skips_and_whitelists_are_decided_in_one_documented_order() -> Non
     grey = Greylist(config, store)
     entry = ListEntry("client", "198.51.100.9/32", comment="partner")
     runtime = Whitelist([entry, ListEntry("sender_domain", "example.net")])
-    everything = Query(
-        Stage.RCPT,
-        ipaddress.ip_address("198.51.100.9"),
-        sender="a@example.net",
-        recipient="postmaster@example.org",
-        auth="alice",
-        relay=True,
-    )
+    everything = query(ip="198.51.100.9", rcpt="postmaster@example.org", auth="alice")
+    everything.relay = True
     listed = await grey.check(everything, T0, runtime)
     assert (listed.verdict.reason, listed.entry, listed.status) == ("whitelist-client", entry, None)
     in_config = await grey.check(everything, T0, NO_ENTRIES)
     assert in_config.verdict.reason == "whitelisted-client"
     assert in_config.entry is None
-    other_client = Query(
-        Stage.RCPT,
-        ipaddress.ip_address("192.0.2.10"),
-        sender="a@example.net",
-        recipient="postmaster@example.org",
-        auth="alice",
-    )
+    other_client = query(rcpt="postmaster@example.org", auth="alice")
     assert (await grey.check(other_client, T0, NO_ENTRIES)).verdict.reason == (
         "whitelisted-recipient"
     )
