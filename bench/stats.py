@@ -29,7 +29,7 @@ RESAMPLES = 2000
 CONFIDENCE = 0.95
 SEED = 1
 
-MET, NOT_MET, INCONCLUSIVE = "met", "not met", "inconclusive"
+MET, NOT_MET, INCONCLUSIVE, NOT_MEASURED = "met", "not met", "inconclusive", "not measured"
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ class Estimate:
         }
 
     def text(self, spec: str = ".2f") -> str:
-        """``1.23 [1.10, 1.31]``."""
+        """``1.23 [1.10, 1.31]`` (a single measurement: ``1.23``)."""
+        if self.rounds == 1:
+            return f"{self.value:{spec}}"
         return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
 
 
@@ -110,9 +112,9 @@ class Target:
         return f"{'≤' if self.at_most else '≥'} {self.limit:g}{self.unit}"
 
     def verdict(self, estimate: Estimate | None) -> str:
-        """met / not met / inconclusive (the interval straddles the limit, or no data)."""
+        """met / not met / inconclusive (the interval straddles the limit) / not measured."""
         if estimate is None:
-            return INCONCLUSIVE
+            return NOT_MEASURED
         good, bad = (
             (estimate.high <= self.limit, estimate.low > self.limit)
             if self.at_most
@@ -131,10 +133,13 @@ class Target:
         }
 
 
-def targets_markdown(rows: Sequence[dict[str, object]]) -> list[str]:
-    """The target table: figure, wanted, median of paired rounds [95 % interval], verdict."""
+def targets_markdown(
+    rows: Sequence[dict[str, object]],
+    measured: str = "measured: median of paired rounds [95 % interval]",
+) -> list[str]:
+    """The target table: figure, wanted, the estimate, verdict."""
     lines = [
-        "| target | wanted | measured: median of paired rounds [95 % interval] | verdict |",
+        f"| target | wanted | {measured} | verdict |",
         "|---|---|---|---|",
     ]
     for row in rows:
