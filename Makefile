@@ -54,8 +54,8 @@ run:
 man:
 	$(PYTHON) -m policyd.manpages man
 
-# bench: per question (floor, policyd, greylistd, postgrey) then per message through Exim;
-# ~3.5 minutes. Both write bench/results/*.json and *.md (see bench/README.md).
+# bench: per question (floor, policyd, policyd-redis, greylistd) then per message through
+# Exim; ~4.5 minutes. Both overwrite bench/results/{run,exim}-quick.{json,md} (bench/README.md).
 bench:
 	$(PYTHON) bench/run.py --quick
 	$(PYTHON) bench/exim_msg.py --quick
