@@ -29,7 +29,7 @@ from ..checks.greylist import KEY_SEPARATOR, Client, Step, Timing, Triplet
 from ..checks.ratelimit import Charge, Decision
 from ..config import StoreConfig
 from ..lists import ListEntry
-from . import AdminStore, Store
+from .base import AdminStore, Store
 
 #: Marks a hashed segment; cannot start a network, and senders/recipients contain an '@'.
 HASH_MARK: Final = "~"

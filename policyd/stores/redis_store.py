@@ -52,7 +52,7 @@ from ..checks.greylist import Step, Timing, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
 from ..memo import IdentityMemo
-from . import StoreUnavailable
+from .base import StoreUnavailable
 from .breaker import CircuitBreaker
 from .redis_admin import RedisAdmin, client_of, triplet_of
 from .redis_scripts import GREYLIST_STEP, RATELIMIT_STEP, SCRIPTS, KeyLayout, Script
