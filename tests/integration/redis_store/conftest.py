@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
-import socket
 import sys
 import time
 from base64 import b64encode
@@ -28,6 +26,7 @@ import pytest
 # tests/ holds the Redis process helper shared with the contract suite.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from policyd_process import admin  # noqa: F401  # re-exported for the modules here
 from redis_server import (
     RedisServer,
     TLSFiles,
@@ -219,39 +218,9 @@ def ask_blocking(path: str, request: bytes) -> bytes:
     return asyncio.run(ask(path, request))
 
 
-def admin(path: str, request: dict[str, Any]) -> Any:
-    """One policyctl request on the admin socket; the result, or the test fails."""
-    reply = admin_reply(path, request)
-    assert reply["ok"], reply
-    return reply["result"]
-
-
-def admin_reply(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    """One policyctl request on the admin socket; the whole reply, failed or not."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(ANSWER_TIMEOUT)
-        sock.connect(path)
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    reply: dict[str, Any] = json.loads(answer)
-    return reply
-
-
 def daemon_policy(url: str, **greylist: Any) -> dict[str, dict[str, Any]]:
     """Sections for daemon_factory: the Redis store and greylisting with a short delay."""
     return {
         "store": {"url": url},
         "greylist": {"delay": f"{DELAY}s", "auto_whitelist_after": 2, **greylist},
     }
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
