@@ -26,7 +26,7 @@ import pytest
 # tests/ holds the Redis process helper shared with the contract suite.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from policyd_process import admin  # noqa: F401  # re-exported for the modules here
+from policyd_process import admin, admin_reply  # noqa: F401  # re-exported for the modules here
 from redis_server import (
     RedisServer,
     TLSFiles,
