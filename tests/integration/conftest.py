@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policyd_process import (
     ANSWER_TIMEOUT,
     REPO,
+    START_TIMEOUT,  # noqa: F401  # re-exported: the test modules import it from conftest
     DaemonFactory,
-    DaemonProcess,  # noqa: F401  # re-exported: the test modules import it from conftest
+    DaemonProcess,  # noqa: F401  # re-exported
     daemons,
     server_mapping,
     to_toml,  # noqa: F401  # re-exported
