@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -103,51 +104,33 @@ class Sample:
     error: str = ""
 
 
-class _Exchange(asyncio.Protocol):
-    """Write, half-close, collect until the daemon closes."""
-
-    def __init__(self, request: bytes, done: asyncio.Future[bytes]) -> None:
-        self.request = request
-        self.done = done
-        self.chunks: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.request)
-        transport.write_eof()
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def eof_received(self) -> None:
-        return None  # let the transport close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.done.done():
-            return
-        if exc is not None:
-            self.done.set_exception(exc)
-        else:
-            self.done.set_result(b"".join(self.chunks))
-
-
 async def exchange(path: str, request: bytes, budget: float = EXIM_TIMEOUT) -> Sample:
-    """One question; never raises for the daemon's failures (they are in ``error``)."""
+    """One question; never raises for the daemon's failures (they are in ``error``).
+
+    Connect, write and half-close happen in one step, without giving the loop a turn
+    between them, as Exim's C code does: the daemon closes a connection that has not sent
+    its request within ``[server] request_timeout`` (250 ms), and a client descheduled
+    between its connect and its write on a loaded machine would be taken for an idle one."""
     loop = asyncio.get_running_loop()
     sample = Sample(-1, request, time.monotonic())
-    done: asyncio.Future[bytes] = loop.create_future()
-    transport: asyncio.BaseTransport | None = None
-    try:
-        async with asyncio.timeout(budget):
-            transport, _ = await loop.create_unix_connection(lambda: _Exchange(request, done), path)
-            sample.answer = await done
-    except TimeoutError:
-        sample.error = "timeout"
-    except OSError as exc:
-        sample.error = type(exc).__name__
-    finally:
-        if transport is not None:
-            transport.close()
+    received = bytearray()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(budget):
+                try:
+                    sock.connect(path)
+                except BlockingIOError:  # the daemon's backlog is full: wait for room
+                    await loop.sock_connect(sock, path)
+                sock.sendall(request)  # one small write: the socket buffer takes it
+                sock.shutdown(socket.SHUT_WR)
+                while chunk := await loop.sock_recv(sock, 65536):
+                    received += chunk
+            sample.answer = bytes(received)
+        except TimeoutError:
+            sample.error = "timeout"
+        except OSError as exc:
+            sample.error = type(exc).__name__
     sample.seconds = time.monotonic() - sample.sent
     return sample
 
