@@ -616,7 +616,12 @@ class RedisStore:
 
     async def _guard(self, operation: Awaitable[_T], budget: float | None = None) -> _T:
         """An admin operation under the breaker and a time budget, errors as
-        StoreUnavailable (never on the question path)."""
+        StoreUnavailable (never on the question path).
+
+        Its outages count as failures, but its successes do not close the circuit nor reset
+        the failure count: admin reads (the whitelist version polled every 0.25 s) succeed
+        while writes are refused (``CLIENT PAUSE … WRITE``, a read-only replica), and only
+        the questions' scripts, which all write, tell whether the question path works."""
         if self.client is None or not self.breaker.allow():
             if asyncio.iscoroutine(operation):
                 operation.close()
@@ -631,9 +636,9 @@ class RedisStore:
             if is_outage(exc):
                 self.breaker.failure(_describe(exc))
             else:
-                self.breaker.success()
+                self.breaker.abandon()
             raise StoreUnavailable(f"redis: {_describe(exc)}") from exc
-        self.breaker.success()
+        self.breaker.abandon()  # no verdict on the question path (see above)
         return result
 
 

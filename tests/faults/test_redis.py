@@ -92,18 +92,7 @@ def test_killed_and_restarted(
     assert metric_total(daemon, "policyd_fallbacks_total", cause="store-unavailable") > 0
 
 
-#: The bug test_paused[WRITE] shows (strict: it must fail until fixed, then be unmarked).
-WRITE_PAUSE_BUG = (
-    "breaker never opens under CLIENT PAUSE WRITE: Admin.watch_lists reads the whitelist "
-    "version (a GET) every 0.25 s through RedisStore._guard, whose success() resets the "
-    "consecutive failures of the paused scripts; every question waits the 250 ms timeout"
-)
-
-
-@pytest.mark.parametrize(
-    "mode",
-    ["ALL", pytest.param("WRITE", marks=pytest.mark.xfail(strict=True, reason=WRITE_PAUSE_BUG))],
-)
+@pytest.mark.parametrize("mode", ["ALL", "WRITE"])
 def test_paused(
     daemon_factory: DaemonFactory, redis: RedisServer, load_on: LoadFactory, mode: str
 ) -> None:
