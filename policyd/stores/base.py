@@ -8,7 +8,7 @@ from typing import Protocol
 
 from ..checks.greylist import Client, GreylistStore, Timing, Triplet
 from ..checks.ratelimit import RateLimitStore
-from ..lists import ListStore
+from ..whitelist import ListStore
 
 
 class StoreUnavailable(Exception):

@@ -51,7 +51,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..checks.greylist import Step, Timing, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
-from ..memo import IdentityMemo
+from ..identity_memo import IdentityMemo
 from .base import StoreUnavailable
 from .breaker import CircuitBreaker
 from .redis_admin import RedisAdmin, client_of, triplet_of

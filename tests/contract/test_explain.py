@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from dns_server import DnsServer, running  # tests/dns_server.py
 
-from policyd.admin import Admin
+from policyd.admin.explain import explain
+from policyd.admin.server import Admin
 from policyd.config import Config, from_mapping
 from policyd.dispatch import Dispatcher
-from policyd.explain import explain
 from policyd.model import Query, Stage
 from policyd.protocol import normalise_ip
 from policyd.stores import Store

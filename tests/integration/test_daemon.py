@@ -15,7 +15,7 @@ import pytest
 from conftest import DaemonFactory, Question, ask, ask_blocking, to_toml, wait_until
 
 from policyd.checks.greylist import DEFER_CODE, DEFER_ECODE, Status
-from policyd.ctl import main as main_ctl
+from policyd.ctl.main import main as main_ctl
 from policyd.daemon import main
 
 DELAY = 1.0

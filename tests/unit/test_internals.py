@@ -129,7 +129,7 @@ def test_pyspf_query_methods_overridden() -> None:
 
 
 def test_re_parser_parse_tree() -> None:
-    """policyd/hostre.py compiles whitelist host patterns from the parse tree of the private
+    """policyd/host_patterns.py compiles whitelist host patterns from the parse tree of the private
     ``re._parser.parse`` (opcodes from ``re._constants``) into a linear-time automaton."""
     parser = importlib.import_module("re._parser")
     constants = importlib.import_module("re._constants")

@@ -24,7 +24,6 @@ from redis_server import free_port, make_certificates
 
 from policyd.checks.greylist import Status, Timing
 from policyd.checks.ratelimit import Charge, Limit
-from policyd.lists import ListEntry
 from policyd.stores import StoreUnavailable, open_store
 from policyd.stores.breaker import BreakerState
 from policyd.stores.keys import HashedStore
@@ -38,6 +37,7 @@ from policyd.stores.redis_store import (
     is_outage,
     pack,
 )
+from policyd.whitelist import ListEntry
 
 from .conftest import RedisLab, StoreOpener, store_config
 

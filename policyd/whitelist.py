@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from .addresses import AddressPatterns, NetworkSet, domain_of
-from .hostre import MAX_TOTAL_STATES, HostPatterns, PatternError, check_host_pattern
+from .host_patterns import MAX_TOTAL_STATES, HostPatterns, PatternError, check_host_pattern
 from .lograte import LogLimiter
 from .model import Query
 
