@@ -33,35 +33,24 @@ def test_asyncio_future_blocking_flag() -> None:
         loop.close()
 
 
-def test_redis_base_parser_parse_error() -> None:
-    """policyd/stores/redis_store.py parses replies with hiredis.Reader and builds errors with
-    redis-py's private ``redis._parsers.base.BaseParser.parse_error``."""
-    base = importlib.import_module("redis._parsers.base")
-    parse_error = base.BaseParser.parse_error
-    exceptions = importlib.import_module("redis.exceptions")
-    assert isinstance(parse_error("NOSCRIPT No matching script"), exceptions.NoScriptError)
-    assert isinstance(parse_error("ERR something"), exceptions.ResponseError)
-
-
-def test_redis_connection_stream_writer() -> None:
-    """policyd/stores/redis_store.py takes over a connected ``redis.asyncio.Connection``'s
-    private ``_writer`` (an asyncio StreamWriter) to drive the socket itself."""
-    connection = importlib.import_module("redis.asyncio.connection")
-    conn = connection.Connection()
-    assert hasattr(conn, "_writer"), "redis.asyncio.Connection._writer"
-    assert conn._writer is None  # set to a StreamWriter by connect()
-
-
 def test_hiredis_reader_options() -> None:
-    """policyd/stores/redis_store.py: hiredis.Reader with ``replyError`` and ``notEnoughData``
-    (public API of hiredis, checked with the parser it is given)."""
+    """policyd/stores/redis_wire.py parses replies with hiredis' public ``Reader``, given a
+    function (not a class) as ``replyError`` and a sentinel as ``notEnoughData``: both
+    documented options, checked here because the store's wire stands on them."""
     hiredis = importlib.import_module("hiredis")
     sentinel = object()
-    reader = hiredis.Reader(replyError=ValueError, notEnoughData=sentinel)
+
+    def as_error(text: str) -> Exception:  # a function, as policyd's error_reply is
+        return KeyError(text)
+
+    reader = hiredis.Reader(replyError=as_error, notEnoughData=sentinel)
     assert reader.gets() is sentinel
-    reader.feed(b"-ERR x\r\n:1\r\n")
-    assert isinstance(reader.gets(), ValueError)
+    reader.feed(b"-ERR x\r\n:1\r\n$-1\r\n")
+    error = reader.gets()
+    assert isinstance(error, KeyError) and error.args == ("ERR x",)
     assert reader.gets() == 1
+    assert reader.gets() is None  # a nil reply, told from "not enough data"
+    assert reader.gets() is sentinel
 
 
 def test_pycares_cffi_layer() -> None:
