@@ -16,21 +16,36 @@ import sys
 import pytest
 
 
-def test_asyncio_future_blocking_flag() -> None:
-    """policyd/server.py steps question coroutines itself: it reads and clears
-    ``Future._asyncio_future_blocking`` as asyncio's Task does."""
-    loop = asyncio.new_event_loop()
-    try:
-        future = loop.create_future()
-        assert hasattr(future, "_asyncio_future_blocking"), (
-            "asyncio Future._asyncio_future_blocking"
-        )
-        assert future._asyncio_future_blocking is False
-        awaiting = future.__await__()
-        assert next(awaiting) is future  # a suspended await yields the future itself
-        assert future._asyncio_future_blocking is True, "set while an await is suspended on it"
-    finally:
-        loop.close()
+def test_task_takes_over_a_coroutine_stepped_by_hand() -> None:
+    """policyd/server.py runs a question's first step in the read callback
+    (``coroutine.send(None)``) and, when it suspended, hands the rest to a Task through
+    ``_Resumed``, whose first yield is the future the coroutine suspended on. That relies on
+    asyncio's Task waiting on a future yielded to it that ``Future.__await__`` marked as
+    awaited (no policyd code reads or writes that mark), and on bare yields as usual."""
+    from policyd.server import _Resumed
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[bytes] = loop.create_future()
+
+        async def question() -> bytes:
+            part = await first
+            await asyncio.sleep(0)  # a bare yield, handled by the Task
+            return part + b" answered"
+
+        answering = question()
+        rest = _Resumed(answering, answering.send(None))
+
+        async def run() -> bytes:
+            return await rest
+
+        task = loop.create_task(run())
+        await asyncio.sleep(0)
+        assert rest.started and not task.done(), "the Task waits on the re-yielded future"
+        first.set_result(b"ok")
+        assert await asyncio.wait_for(task, 1.0) == b"ok answered"
+
+    asyncio.run(scenario())
 
 
 def test_hiredis_reader_options() -> None:
