@@ -2,7 +2,7 @@
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 PYTEST_ARGS ?=
 
-.PHONY: check format lint types test test-min bench bench-full run lock outdated fresh-check man
+.PHONY: check format lint types test test-min bench bench-full run lock outdated fresh-check man deb
 
 check: lint types test
 
@@ -54,8 +54,18 @@ run:
 man:
 	$(PYTHON) -m policyd.manpages man
 
-# bench: per question (floor, policyd, greylistd, postgrey) then per message through Exim;
-# ~3.5 minutes. Both write bench/results/*.json and *.md (see bench/README.md).
+# The Debian package (debian/, docs/decisions.md): policyd_<version>_<arch>.deb in the
+# repository root. dpkg-buildpackage writes into the parent directory; the .deb is moved
+# here and the upload files (.buildinfo, .changes) it wrote beside it are removed.
+DEB_NAME = policyd_$(shell dpkg-parsechangelog -SVersion)_$(shell dpkg-architecture -qDEB_HOST_ARCH)
+deb:
+	dpkg-buildpackage --build=binary --no-sign
+	mv ../$(DEB_NAME).deb .
+	rm -f ../$(DEB_NAME).buildinfo ../$(DEB_NAME).changes
+	debian/rules clean
+
+# bench: per question (floor, policyd, policyd-redis, greylistd) then per message through
+# Exim; ~4.5 minutes. Both overwrite bench/results/{run,exim}-quick.{json,md} (bench/README.md).
 bench:
 	$(PYTHON) bench/run.py --quick
 	$(PYTHON) bench/exim_msg.py --quick

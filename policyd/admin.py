@@ -28,7 +28,7 @@ from .metrics import rss_bytes
 from .model import Query, Stage
 from .protocol import ProtocolError, normalise_ip
 from .sockets import bind_error, prepare_directory, remove_stale_socket, set_group
-from .stores import Store, StoreUnavailable
+from .stores import AdminStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,11 @@ def _number(request: dict[str, Any], name: str, default: float) -> float:
 
 
 class Admin:
-    """Command handlers over the dispatcher (policy, whitelist) and the raw store."""
+    """Command handlers over the dispatcher (policy, whitelist) and the store's
+    administrative side."""
 
     def __init__(
-        self, dispatcher: Dispatcher, store: Store, clock: Callable[[], float] = time.time
+        self, dispatcher: Dispatcher, store: AdminStore, clock: Callable[[], float] = time.time
     ):
         self.dispatcher = dispatcher
         self.store = store
@@ -281,7 +282,7 @@ class Admin:
             recipient=_text(request, "recipient", required=True),
             auth=_text(request, "auth"),
         )
-        return await explain(self.dispatcher, query, self.clock())
+        return await explain(self.dispatcher, self.store, query, self.clock())
 
     async def stats(self, _: dict[str, Any]) -> dict[str, Any]:
         dispatcher = self.dispatcher
@@ -292,9 +293,7 @@ class Admin:
             "transactions_remembered": len(dispatcher.txns),
             "ratelimit": {name: asdict(t) for name, t in dispatcher.ratelimit.counters.items()},
         }
-        stats = getattr(self.store, "stats", None)
-        if stats is not None:
-            figures["store"] = await stats(dispatcher.config.greylist.auto_whitelist_after)
+        figures["store"] = await self.store.stats(dispatcher.config.greylist.auto_whitelist_after)
         return figures
 
 
@@ -313,17 +312,19 @@ class AdminServer:
         # A live admin socket belongs to another daemon: taking it over (and deleting it at
         # our stop) would make the running one unreachable for policyctl.
         remove_stale_socket(path)
-        # Created with the final mode: no window where the socket is more open than asked.
-        old_umask = os.umask(0o777 & ~self.config.socket_mode)
+        # Created for its owner only, then given its group, then its mode: no window where
+        # the socket is more open than asked, nor open to the group of a setgid directory
+        # (/run/policyd is setgid Debian-exim, and Exim must not administer).
+        old_umask = os.umask(0o777 & ~(self.config.socket_mode & 0o700))
         try:
             self._server = await asyncio.start_unix_server(self._serve, str(path), limit=MAX_LINE)
         except PermissionError as exc:
             raise bind_error(path, exc, ADMIN_SOCKET_KEY) from None
         finally:
             os.umask(old_umask)
-        os.chmod(path, self.config.socket_mode)
         if self.config.socket_group:
             set_group(path, self.config.socket_group, ADMIN_SOCKET_KEY)
+        os.chmod(path, self.config.socket_mode)
         logger.info("admin socket on %s", path)
 
     async def stop(self) -> None:

@@ -656,15 +656,53 @@ def _cross_check(config: Config) -> None:
         raise ConfigError("store.hash_secret: set hash_secret or hash_secret_file, not both")
 
 
-def load(path: str | Path | None) -> Config:
-    """Read and validate a TOML file; ``None`` gives the documented defaults."""
-    if path is None:
-        return from_mapping({}, "<defaults>")
+#: Drop-ins beside the file: ``policyd.toml.d/*.toml``, read in name order after it, so a
+#: packaged conffile stays as shipped while the site changes keys (README.Debian).
+DROP_IN_SUFFIX: Final = ".d"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
+            return tomllib.load(handle)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def drop_ins(path: str | Path) -> list[Path]:
+    """The drop-in files of the configuration file ``path``, in the order they apply."""
+    directory = Path(path).with_name(Path(path).name + DROP_IN_SUFFIX)
+    return sorted(directory.glob("*.toml")) if directory.is_dir() else []
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a TOML file and its drop-ins; ``None`` gives the documented defaults.
+
+    A drop-in's key replaces the same key of the file (or an earlier drop-in) whole, lists
+    and ``[[ratelimit.rule]]`` included; its sections and keys are checked on their own first,
+    so an error names the drop-in."""
+    if path is None:
+        return from_mapping({}, "<defaults>")
+    raw = _read_toml(Path(path))
+    extras = drop_ins(path)
+    if extras:
+        _check_sections(raw)  # before merging: the file's own errors are its own
+    for extra in extras:
+        layer = _read_toml(extra)
+        try:
+            _check_sections(layer)
+        except ConfigError as exc:
+            raise ConfigError(f"{extra}: {exc}") from None
+        for name, body in layer.items():
+            raw[name] = {**raw.get(name, {}), **body}
     return from_mapping(raw, str(path))
+
+
+def _check_sections(raw: Mapping[str, object]) -> None:
+    """Check the sections and keys of ``raw`` without the checks across sections."""
+    for name, body in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"[{name}]: unknown section")
+        _section(_SECTIONS[name], name, body)

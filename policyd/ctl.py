@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import __version__, configfile
+from . import __version__, configfile, exim_hook
 from .admin_client import (
     DEFAULT_TIMEOUT,
     EXIT_DAEMON_ERROR,
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE", help="the whitelist file to read")
     imp.add_argument("--comment", default=None, help="comment for every entry")
     imp.add_argument("--dry-run", action="store_true", help="parse and show, add nothing")
+    exim_hook.add_parser(commands)  # needs no daemon: run() takes it before the session
     return parser
 
 
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse printed the usage error (or --help)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "exim":
+        return exim_hook.run(args)
     session: Session | None = None
     origin = ""
     try:

@@ -125,7 +125,7 @@ class Daemon:
                 self.dispatcher.decisions.stream = sys.stderr
             stack.callback(self.dispatcher.decisions.flush)
             stack.push_async_callback(self.dispatcher.aclose)
-            admin = Admin(self.dispatcher, store)
+            admin = Admin(self.dispatcher, store.admin)
             await admin.reload_whitelist()
             if self.config.admin.socket:
                 # Before the query socket: a refusal (another daemon's live admin socket)
@@ -163,7 +163,6 @@ class Daemon:
 
     async def _housekeeping(self, admin: Admin) -> None:
         """Off the hot path: drop expired whitelist entries, refresh the store gauges."""
-        stats = getattr(admin.store, "stats", None)
         metrics = admin.dispatcher.metrics
         counted_unretried = 0.0
         for _ in iter(int, 1):  # forever; cancelled at shutdown
@@ -173,7 +172,7 @@ class Daemon:
                 self.server.warnings.flush()
             try:
                 await admin.reload_whitelist()
-                figures = await stats(self.config.greylist.auto_whitelist_after) if stats else {}
+                figures = await admin.store.stats(self.config.greylist.auto_whitelist_after)
             except Exception:  # housekeeping trouble must never stop the daemon
                 logger.exception("housekeeping failed; will retry")
             else:

@@ -128,7 +128,8 @@ def _group_problem(key: str, name: str) -> Problem | None:
     if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
         return Problem(
             f"{key}: user {_user()} is not in group {name!r}, so it cannot give the socket "
-            "that group: add it (e.g. SupplementaryGroups= in the systemd unit)"
+            "that group: leave socket_group empty and let a setgid directory of that group "
+            "(/run/policyd as packaged) or the socket unit give it, or add the user to it"
         )
     return None
 

@@ -313,7 +313,7 @@ def authorised_breadth(view: View, domain: str) -> Breadth:
     return breadth
 
 
-def _walk(view: View, domain: str, *, top: bool, breadth: Breadth) -> None:
+def _walk(view: View, domain: str, *, top: bool, breadth: Breadth) -> None:  # noqa: C901  # one branch per RFC 7208 term
     if breadth.unbounded:
         return
     record = _spf_record(view, domain)

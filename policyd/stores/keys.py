@@ -29,7 +29,7 @@ from ..checks.greylist import KEY_SEPARATOR, Client, Step, Timing, Triplet
 from ..checks.ratelimit import Charge, Decision
 from ..config import StoreConfig
 from ..lists import ListEntry
-from . import Store
+from .base import AdminStore, Store
 
 #: Marks a hashed segment; cannot start a network, and senders/recipients contain an '@'.
 HASH_MARK: Final = "~"
@@ -94,6 +94,7 @@ class HashedStore:
     def __init__(self, inner: Store, hasher: KeyHasher) -> None:
         self.inner = inner
         self.hasher = hasher
+        self.admin = HashedAdmin(inner.admin, hasher)
 
     async def start(self) -> None:
         await self.inner.start()
@@ -116,6 +117,14 @@ class HashedStore:
         ]
         decisions = await self.inner.ratelimit_step(hashed, now)
         return [Decision(c, d.outcome) for c, d in zip(charges, decisions, strict=True)]
+
+
+class HashedAdmin:
+    """The administrative side of a HashedStore: the same hashing of key material."""
+
+    def __init__(self, inner: AdminStore, hasher: KeyHasher) -> None:
+        self.inner = inner
+        self.hasher = hasher
 
     async def greylist_peek(
         self, triplet_key: str, client_key: str
@@ -159,7 +168,4 @@ class HashedStore:
         return await self.inner.list_version()
 
     async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
-        """The backend's figures, when it has any (``stats`` is optional)."""
-        stats = getattr(self.inner, "stats", None)
-        figures: dict[str, float] = await stats(auto_whitelist_after) if stats else {}
-        return figures
+        return await self.inner.stats(auto_whitelist_after)

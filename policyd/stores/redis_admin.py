@@ -11,12 +11,15 @@ import asyncio
 import heapq
 import json
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..checks.greylist import Client, Timing, Triplet
 from ..lists import ListEntry
 from .redis_scripts import GREYLIST_PASS, KeyLayout, Script
 from .sqlite_admin import MAX_SCAN
+
+if TYPE_CHECKING:
+    from .redis_store import RedisStore
 
 #: Budget of one admin operation (a scan of a large keyspace takes a while).
 ADMIN_TIMEOUT: Final = 30.0
@@ -44,16 +47,34 @@ def client_of(found: Sequence[bytes | None]) -> Client | None:
 
 
 class RedisAdmin:
-    """Mixin for RedisStore: needs ``client``, ``layout``, ``_guard`` and ``_eval``."""
+    """``RedisStore.admin``: the same client, key layout and circuit breaker as the question
+    path (``guard``: budget and breaker; ``eval_script``: queued with the questions' calls)."""
 
-    client: Any
-    layout: KeyLayout
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.layout: KeyLayout = store.layout
+
+    @property
+    def client(self) -> Any:
+        """redis-py's client (made when the store starts)."""
+        return self.store.client
 
     async def _guard(self, operation: Awaitable[_T], budget: float | None = None) -> _T:
-        raise NotImplementedError
+        return await self.store.guard(operation, budget)
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-        raise NotImplementedError
+        return await self.store.eval_script(script, keys, args)
+
+    async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
+        """Cheap figures only: counting clients would need a scan of the whole keyspace."""
+        store = self.store
+        breaker = store.breaker
+        return {
+            "unavailable": float(store.unavailable),
+            "breaker_open": float(not breaker.is_closed),
+            "breaker_opened": float(breaker.opened),
+            "breaker_rejected": float(breaker.rejected),
+        }
 
     # --- runtime whitelists -----------------------------------------------------------
 

@@ -50,7 +50,7 @@ from ..checks.greylist import Step, Timing, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
 from ..memo import IdentityMemo
-from . import StoreUnavailable
+from .base import StoreUnavailable
 from .breaker import CircuitBreaker
 from .redis_admin import RedisAdmin, client_of, triplet_of
 from .redis_scripts import GREYLIST_STEP, RATELIMIT_STEP, SCRIPTS, KeyLayout, Script
@@ -184,8 +184,9 @@ _GREYLIST_HEAD: Final = b"*11\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$1\r\n2\r\n" % (
 )
 
 
-class RedisStore(RedisAdmin):
-    """Greylist, rate and whitelist state in Redis (single, TLS, Unix, Sentinel, Cluster)."""
+class RedisStore:
+    """Greylist, rate and whitelist state in Redis (single, TLS, Unix, Sentinel, Cluster).
+    Its administrative side is ``admin`` (policyd/stores/redis_admin.py)."""
 
     def __init__(
         self,
@@ -217,6 +218,7 @@ class RedisStore(RedisAdmin):
         self._tls: ssl.SSLContext | None = None  # for rediss://, built at the first connect
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.admin = RedisAdmin(self)
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> RedisStore:
@@ -296,15 +298,15 @@ class RedisStore(RedisAdmin):
         decisions, _ = decide_all(states, charges, now)
         return decisions
 
-    async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
-        """Cheap figures only: counting clients would need a scan of the whole keyspace."""
-        breaker = self.breaker
-        return {
-            "unavailable": float(self.unavailable),
-            "breaker_open": float(not breaker.is_closed),
-            "breaker_opened": float(breaker.opened),
-            "breaker_rejected": float(breaker.rejected),
-        }
+    # --- for the administrative side (RedisAdmin) ---------------------------------------
+
+    async def guard(self, operation: Awaitable[_T], budget: float | None = None) -> _T:
+        """An admin operation under the store's budget and circuit breaker."""
+        return await self._guard(operation, budget)
+
+    async def eval_script(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """A script call queued with the questions' calls (one pipeline)."""
+        return await self._eval(script, keys, args)
 
     # --- batching -----------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from typing import Final, TypeVar
 from ..checks.greylist import Client, Step, Timing, Triplet, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
-from . import StoreUnavailable
+from .base import StoreUnavailable
 from .sqlite_admin import SQLiteAdmin
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,9 @@ class _Pending:
         self.rate.clear()
 
 
-class SQLiteStore(SQLiteAdmin):
-    """Greylist and rate state in SQLite; one connection used from the event loop only."""
+class SQLiteStore:
+    """Greylist and rate state in SQLite; one connection used from the event loop only.
+    Its administrative side is ``admin`` (policyd/stores/sqlite_admin.py)."""
 
     def __init__(
         self,
@@ -249,6 +250,7 @@ class SQLiteStore(SQLiteAdmin):
         self.expired_total = 0
         self.checkpoints_truncated = 0
         self._read_error_logged = -READ_ERROR_LOG_INTERVAL
+        self.admin = SQLiteAdmin(self)
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> SQLiteStore:
@@ -282,7 +284,7 @@ class SQLiteStore(SQLiteAdmin):
             with contextlib.suppress(StoreUnavailable):
                 # The last pending rows, if the disk takes them (a checkpoint thread may
                 # still hold the lock for a moment).
-                await self._durable(_nothing)
+                await self.durable(_nothing)
             if self._pending:
                 logger.error(
                     "%s: %d answered rows could not be written at shutdown",
@@ -299,6 +301,11 @@ class SQLiteStore(SQLiteAdmin):
         if self._db is None:
             raise sqlite3.ProgrammingError("store is not started")
         return self._db
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows answered questions changed that are not written yet."""
+        return len(self._pending)
 
     @property
     def failure(self) -> str | None:
@@ -399,7 +406,7 @@ class SQLiteStore(SQLiteAdmin):
             logger.error("SQLite read from %s failed: %s", self.path, exc)
         return StoreUnavailable(f"sqlite: reading {self.path}: {exc}")
 
-    async def _durable(self, change: Callable[[sqlite3.Connection], T]) -> T:
+    async def durable(self, change: Callable[[sqlite3.Connection], T]) -> T:
         """Run an admin change in a transaction of its own (after the pending rows, so the
         order of changes is kept) and commit it before returning."""
         deadline = time.monotonic() + ADMIN_WRITE_TIMEOUT
@@ -411,11 +418,11 @@ class SQLiteStore(SQLiteAdmin):
                     raise
             await asyncio.sleep(self.commit_interval)
 
-    async def _settled(self) -> None:
+    async def settled(self) -> None:
         """Write what is pending (admin listings then see every answered question)."""
         if self._pending:
             with contextlib.suppress(StoreUnavailable):
-                await self._durable(_nothing)
+                await self.durable(_nothing)
 
     # --- the question path ----------------------------------------------------------------
 
@@ -510,39 +517,6 @@ class SQLiteStore(SQLiteAdmin):
         self.expired_unretried += unretried
         self.expired_total += triplets
         return removed
-
-    async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
-        """Figures for metrics and ``policyctl stats``, read on a second connection in a
-        thread (WAL readers do not block the writer), so a scan never stalls questions."""
-
-        def read() -> dict[str, float]:
-            # as_uri() percent-encodes: a path with ?, # or % stays a path.
-            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
-            try:
-
-                def one(sql: str, *args: object) -> float:
-                    return float(db.execute(sql, args).fetchone()[0])
-
-                return {
-                    "auto_whitelisted": one(
-                        "SELECT count(*) FROM client WHERE passes >= ? AND expires >= ?",
-                        max(1, auto_whitelist_after),
-                        time.time(),
-                    ),
-                    "clients": one("SELECT count(*) FROM client"),
-                    "rate_keys": one("SELECT count(*) FROM rate"),
-                }
-            finally:
-                db.close()
-
-        figures = await asyncio.to_thread(read)
-        figures["expired_unretried"] = self.expired_unretried
-        figures["expired_triplets"] = self.expired_total
-        figures["pending_rows"] = len(self._pending)
-        figures["write_failing"] = float(self._failure is not None)
-        with contextlib.suppress(OSError):
-            figures["wal_bytes"] = float(self.wal_path.stat().st_size)
-        return figures
 
     def _checkpoint(self, truncate: bool) -> None:
         """Copy committed WAL pages into the database (and fsync) on a connection of its

@@ -3,35 +3,37 @@ deleting greylist and rate-limit state for ``policyctl`` (never on the question 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ..checks.greylist import Client, Timing, Triplet
 from ..lists import ListEntry
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from .sqlite import SQLiteStore
 
 #: Bound on rows one admin listing returns.
 MAX_SCAN: int = 10_000
 
 
 class SQLiteAdmin:
-    """Mixin for SQLiteStore: needs ``db``, ``_durable()`` (an admin change, committed
-    before it returns) and ``_settled()`` (answered rows written) from it."""
+    """``SQLiteStore.admin``: changes go through the store's ``durable()`` (written, after
+    the answered rows, before it returns), listings first wait for ``settled()`` (answered
+    rows written), reads use the store's connection."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
 
     @property
     def db(self) -> sqlite3.Connection:
-        raise NotImplementedError
-
-    async def _durable(self, change: Callable[[sqlite3.Connection], T]) -> T:
-        raise NotImplementedError
-
-    async def _settled(self) -> None:
-        raise NotImplementedError
+        return self.store.db
 
     async def list_add(self, entry: ListEntry) -> None:
-        await self._durable(
+        await self.store.durable(
             lambda db: db.execute(
                 "INSERT OR REPLACE INTO list VALUES (?, ?, ?, ?, ?)",
                 (entry.kind, entry.value, entry.expires, entry.comment, entry.added),
@@ -39,7 +41,7 @@ class SQLiteAdmin:
         )
 
     async def list_remove(self, kind: str, value: str) -> bool:
-        removed = await self._durable(
+        removed = await self.store.durable(
             lambda db: (
                 db.execute("DELETE FROM list WHERE kind = ? AND value = ?", (kind, value)).rowcount
             )
@@ -60,7 +62,7 @@ class SQLiteAdmin:
     async def greylist_peek(
         self, triplet_key: str, client_key: str
     ) -> tuple[Triplet | None, Client | None]:
-        await self._settled()
+        await self.store.settled()
         row = self.db.execute(
             "SELECT first_seen, last_seen, passed, attempts FROM triplet WHERE k = ?",
             (triplet_key,),
@@ -74,7 +76,7 @@ class SQLiteAdmin:
         )
 
     async def ratelimit_peek(self, keys: Sequence[str]) -> list[float | None]:
-        await self._settled()
+        await self.store.settled()
         out: list[float | None] = []
         for key in keys:
             row = self.db.execute("SELECT tat FROM rate WHERE k = ?", (key,)).fetchone()
@@ -84,7 +86,7 @@ class SQLiteAdmin:
     async def greylist_scan(
         self, parts: Sequence[str | None], limit: int
     ) -> list[tuple[str, Triplet, float]]:
-        await self._settled()
+        await self.store.settled()
         glob = sqlite_glob(parts)
         rows = self.db.execute(
             "SELECT k, first_seen, last_seen, passed, attempts, expires FROM triplet "
@@ -107,7 +109,7 @@ class SQLiteAdmin:
                     (key, first, now, attempts, now + timing.max_age),
                 )
 
-        await self._durable(mark)
+        await self.store.durable(mark)
         return len(keys)
 
     async def greylist_delete(self, keys: Sequence[str]) -> int:
@@ -116,7 +118,7 @@ class SQLiteAdmin:
     async def ratelimit_scan(
         self, parts: Sequence[str | None], limit: int
     ) -> list[tuple[str, float]]:
-        await self._settled()
+        await self.store.settled()
         glob = sqlite_glob(parts)
         rows = self.db.execute(
             "SELECT k, tat FROM rate WHERE k GLOB ? ORDER BY tat DESC LIMIT ?",
@@ -138,7 +140,41 @@ class SQLiteAdmin:
                 ).rowcount
             return removed
 
-        return await self._durable(delete)
+        return await self.store.durable(delete)
+
+    async def stats(self, auto_whitelist_after: int) -> dict[str, float]:
+        """Figures for metrics and ``policyctl stats``, read on a second connection in a
+        thread (WAL readers do not block the writer), so a scan never stalls questions."""
+        store = self.store
+
+        def read() -> dict[str, float]:
+            # as_uri() percent-encodes: a path with ?, # or % stays a path.
+            db = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+
+                def one(sql: str, *args: object) -> float:
+                    return float(db.execute(sql, args).fetchone()[0])
+
+                return {
+                    "auto_whitelisted": one(
+                        "SELECT count(*) FROM client WHERE passes >= ? AND expires >= ?",
+                        max(1, auto_whitelist_after),
+                        time.time(),
+                    ),
+                    "clients": one("SELECT count(*) FROM client"),
+                    "rate_keys": one("SELECT count(*) FROM rate"),
+                }
+            finally:
+                db.close()
+
+        figures = await asyncio.to_thread(read)
+        figures["expired_unretried"] = store.expired_unretried
+        figures["expired_triplets"] = store.expired_total
+        figures["pending_rows"] = store.pending_rows
+        figures["write_failing"] = float(store.failure is not None)
+        with contextlib.suppress(OSError):
+            figures["wal_bytes"] = float(store.wal_path.stat().st_size)
+        return figures
 
 
 def sqlite_glob(parts: Sequence[str | None]) -> str:

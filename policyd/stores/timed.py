@@ -8,7 +8,7 @@ from time import perf_counter
 from ..checks.greylist import Step, Timing
 from ..checks.ratelimit import Charge, Decision
 from ..metrics import Metrics
-from . import QuestionStore
+from .base import QuestionStore
 
 
 class TimedStore:
@@ -24,12 +24,6 @@ class TimedStore:
             metrics.store_seconds.labels("ratelimit"),
             metrics.store_errors.labels("ratelimit"),
         )
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
     # Timing inline rather than through a shared helper coroutine: one coroutine frame less
     # on every question.

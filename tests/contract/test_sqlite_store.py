@@ -64,7 +64,7 @@ async def test_rate_state_is_read_from_pending_rows(tmp_path: Path) -> None:
     reopened = SQLiteStore(tmp_path / "s.db")
     await reopened.start()
     try:  # written at close
-        assert await reopened.ratelimit_peek(["r|k"]) == [tat]
+        assert await reopened.admin.ratelimit_peek(["r|k"]) == [tat]
     finally:
         await reopened.aclose()
 
@@ -145,10 +145,10 @@ async def test_admin_changes_are_committed_before_returning(tmp_path: Path) -> N
     await store.start()
     try:
         await store.greylist_step("n|s|a", "n", 0.0, T, False)
-        await store.greylist_pass(["n|s|b"], 5.0, T)
+        await store.admin.greylist_pass(["n|s|b"], 5.0, T)
         # The pass, and the answered row before it (order kept), are on disk now.
         assert count(path, "triplet") == 2
-        assert (await store.greylist_peek("n|s|b", "n"))[0] is not None
+        assert (await store.admin.greylist_peek("n|s|b", "n"))[0] is not None
     finally:
         await store.aclose()
 

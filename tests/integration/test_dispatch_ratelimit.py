@@ -130,7 +130,7 @@ async def test_a_list_post_is_counted_and_logged_from_its_count(make, caplog) ->
         [{"name": "rcpts-data", "count": "recipients", "rate": "6000/1h", "stage": "data"}]
     )
     members = [f"m{i}@lists.example.org" for i in range(5000)]
-    with caplog.at_level("INFO", logger="policyd.decision"):
+    with caplog.at_level("DEBUG", logger="policyd.decision"):
         assert await disp.answer(data("post1", members)) == b"ok"
         # 5,000 of 6,000 used: a second post of the same size is over the limit.
         assert (await disp.answer(data("post2", members))).startswith(b"defer 451 4.7.1 ")

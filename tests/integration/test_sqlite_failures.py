@@ -67,7 +67,7 @@ async def test_disk_full_fails_over_to_the_fallback_and_recovers(
     store = SQLiteStore(small_fs / "s.db", commit_interval=0.01)
     await store.start()
     try:
-        await store.list_add(ListEntry("ip", "192.0.2.1", 0.0, "before", 1.0))
+        await store.admin.list_add(ListEntry("ip", "192.0.2.1", 0.0, "before", 1.0))
         assert (await store.greylist_step("n|s|before", "n", 0.0, T, False)).status is Status.NEW
         await asyncio.sleep(0.1)  # committed
         filler = fill(small_fs)
@@ -102,7 +102,7 @@ async def test_disk_full_fails_over_to_the_fallback_and_recovers(
         during = f"n|s|during{failed_at - 1}|{'x' * 200}"
         assert (await store.greylist_step(during, "n", 5.0, T, False)).status is Status.PASSED
         assert (await store.greylist_step("n|s|after", "n", 5.0, T, False)).status is Status.NEW
-        assert [e.value for e in await store.list_entries()] == ["192.0.2.1"]
+        assert [e.value for e in await store.admin.list_entries()] == ["192.0.2.1"]
     finally:
         await store.aclose()
 
@@ -150,10 +150,10 @@ async def test_file_system_turned_read_only_fails_over(
             with pytest.raises(StoreUnavailable):
                 await store.greylist_step("n|s|later", "n", 0.0, T, False)
         with pytest.raises(StoreUnavailable):
-            await store.list_add(ListEntry("ip", "192.0.2.1", 0.0, "", 1.0))
+            await store.admin.list_add(ListEntry("ip", "192.0.2.1", 0.0, "", 1.0))
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1, [r.getMessage() for r in errors]
-        scanned = await store.greylist_scan([None, None, None], 10)
+        scanned = await store.admin.greylist_scan([None, None, None], 10)
         assert [key for key, _, _ in scanned] == ["n|s|before"]
     finally:
         await store.aclose()

@@ -146,7 +146,7 @@ async def test_a_stale_question_changes_no_state(store: Store, fallback: str) ->
     clock.now += 10
     again = await dispatcher.answer(rcpt("b@test.example", clock.now))
     assert again.startswith(GREYLISTED)
-    shown = await store.greylist_scan([None, None, None], 10)
+    shown = await store.admin.greylist_scan([None, None, None], 10)
     assert [triplet.attempts for _, triplet, _ in shown] == [2]
 
 

@@ -184,6 +184,8 @@ socket = {socket}
 socket_mode = "0666"
 deadline = "1s"
 fallback = "{fallback}"
+# Every decision at INFO: the tests read accepted questions' lines as evidence too.
+log_decisions = "all"
 
 [store]
 url = {store}

@@ -61,8 +61,8 @@ def test_every_message_arrives_exactly_once(mta: Mta) -> None:
             assert not refused or set(refused.values()) == {451}, (test_id, refused)
             if not refused:
                 del pending[test_id]
-        assert time.monotonic() < deadline, f"still refused after the delay: {sorted(pending)}"
-        if pending:
+        if pending:  # a round that delivered the last one passes, however long it took
+            assert time.monotonic() < deadline, f"still refused after the delay: {sorted(pending)}"
             time.sleep(0.2)
 
     wait_for(lambda: len(mta.sink.messages) >= len(MESSAGES), 20, "delivery to the sink")

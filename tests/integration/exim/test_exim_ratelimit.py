@@ -102,11 +102,16 @@ def message(exim: Exim, daemon: Policyd, client: str, n: int) -> str:
 def test_hundred_per_hour_exactly_and_other_clients_unaffected(
     exim: Exim, hourly: RatePolicyd
 ) -> None:
+    started = time.monotonic()
     answers = [message(exim, hourly, INBOUND_CLIENT, n) for n in range(150)]
+    # 100 at once, then one more every 36 s (100/h): on a machine slow enough for the 150
+    # sessions to take that long, the extra ones are exact GCRA, not a leak.
+    earned = int((time.monotonic() - started) // 36)
     accepted = [a for a in answers if a.startswith("250")]
     deferred = [a for a in answers if a.startswith("451 4.7.1 ")]
-    assert len(accepted) == 100 and len(deferred) == 50, answers
-    assert answers[:100] == accepted  # the first hundred, then the rest refused
+    assert len(accepted) <= 100 + earned and len(accepted) + len(deferred) == 150, answers
+    assert len(accepted) >= 100, answers
+    assert answers[:100] == accepted[:100]  # the first hundred, then (mostly) refused
     assert not [a for a in answers if a.startswith("5")]
     for answer in deferred:
         match = RETRY_RE.search(answer)

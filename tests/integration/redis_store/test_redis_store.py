@@ -81,7 +81,7 @@ async def test_every_key_has_a_ttl_and_the_documented_layout(
     await store.greylist_step(k, NET, T0, T, False)
     await store.greylist_step(k, NET, T0 + 301, T, False)
     await store.ratelimit_step([Charge("r", "r|192.0.2.1", 1, Limit(10, 60, 10), False)], T0)
-    await store.list_add(ListEntry("client", "203.0.113.0/24"))
+    await store.admin.list_add(ListEntry("client", "203.0.113.0/24"))
     with server.client() as client:
         keys = sorted(k.decode() for k in client.keys("*"))
         assert keys == [
@@ -205,10 +205,10 @@ async def test_hashed_keys_reveal_nothing_and_admin_still_works(
     with server.client() as client:
         dump = b" ".join(client.keys("*"))
     assert b"example" not in dump and b"192.0.2" not in dump
-    rows = await store.greylist_scan([NET, "alice@example.net", None], 10)
+    rows = await store.admin.greylist_scan([NET, "alice@example.net", None], 10)
     assert len(rows) == 1 and rows[0][1].passed
-    assert await store.greylist_delete([rows[0][0]]) == 1
-    triplet, client_state = await store.greylist_peek(k, NET)
+    assert await store.admin.greylist_delete([rows[0][0]]) == 1
+    triplet, client_state = await store.admin.greylist_peek(k, NET)
     assert triplet is None and client_state is not None and client_state.passes == 1
 
 
@@ -237,12 +237,12 @@ async def test_acl_user_and_password(
     good = f"redis://mx:s3cret-pw@127.0.0.1:{server.port}/0"
     store = await open_redis_store(good)
     assert (await store.greylist_step(key("b@x.org"), NET, T0, T, False)).status is Status.NEW
-    await store.list_add(ListEntry("client", "203.0.113.0/24"))
-    assert len(await store.list_entries()) == 1
-    assert len(await store.greylist_scan([NET, None, None], 10)) == 1
-    assert await store.greylist_delete([key("b@x.org")]) == 1
+    await store.admin.list_add(ListEntry("client", "203.0.113.0/24"))
+    assert len(await store.admin.list_entries()) == 1
+    assert len(await store.admin.greylist_scan([NET, None, None], 10)) == 1
+    assert await store.admin.greylist_delete([key("b@x.org")]) == 1
     await store.ratelimit_step([Charge("r", "r|k", 1, Limit(10, 60, 10), False)], T0)
-    assert await store.ratelimit_peek(["r|k"]) != [None]
+    assert await store.admin.ratelimit_peek(["r|k"]) != [None]
     with pytest.raises(StoreUnavailable):
         await open_redis_store(f"redis://mx:wrong-pw@127.0.0.1:{server.port}/0")
     assert "s3cret-pw" not in caplog.text and "wrong-pw" not in caplog.text
