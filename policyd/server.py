@@ -149,7 +149,9 @@ class QuestionProtocol(asyncio.Protocol):
         # store and cached DNS it completes without suspending and the answer is written
         # at once, without a Task or another loop turn. A Task per question cost 6-12 %
         # more CPU per question and 3-7 % fewer questions/s at 16 askers (docs/decisions.md,
-        # "Eager answering"; bench/ab.py). Only the public coroutine protocol is used.
+        # "Questions start in the read callback"; bench/ab.py). Only the public coroutine
+        # protocol is used. The one rule it imposes: up to its first suspension, nothing on
+        # the question path may need asyncio.current_task() (no asyncio.timeout there).
         try:
             suspended_on = answering.send(None)
         except StopIteration as done:
@@ -164,7 +166,12 @@ class QuestionProtocol(asyncio.Protocol):
         self._task = server.loop.create_task(self._answer(self._rest))
 
     async def _answer(self, rest: _Resumed) -> None:
-        self._write_close(await rest)
+        try:
+            answer = await rest
+        except Exception:  # the dispatcher answers every error; a fallback if it did not
+            self._server.warnings.exception(logger, "question coroutine failed; answering fallback")
+            answer = self._server.fallback("internal-error")
+        self._write_close(answer)
 
     def on_deadline(self) -> None:
         """The server's deadline check found this connection past its deadline."""

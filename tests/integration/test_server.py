@@ -491,3 +491,27 @@ async def test_a_question_cut_before_its_task_ran_is_cancelled_at_its_await() ->
     assert never.cancelled()
     assert seen == ["cancelled", "cleanup"]
     assert rest.started  # nothing left for a Task to take over
+
+
+async def test_a_question_failing_after_it_suspended_gets_the_fallback(tmp_path: Path) -> None:
+    """The dispatcher answers its own errors; should one escape after the question
+    suspended (in its Task), the client still gets the fallback at once, not a hang."""
+    from policyd.config import from_mapping
+    from policyd.server import PolicyServer
+
+    async def answerer(request: bytes) -> bytes:
+        waiter = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(waiter.set_result, None)
+        await waiter
+        raise RuntimeError("a bug")
+
+    config = from_mapping({"server": {"socket": str(tmp_path / "bug.sock")}}).server
+    server = PolicyServer(config, answerer, lambda cause: b"ok fallback " + cause.encode())
+    await server.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        answer = await ask(str(tmp_path / "bug.sock"), b"rcpt ip=192.0.2.1\n")
+        assert answer == b"ok fallback internal-error"
+        assert asyncio.get_running_loop().time() - started < 0.5  # not the 1 s deadline
+    finally:
+        await server.stop(drain_timeout=1.0)
