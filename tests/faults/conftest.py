@@ -28,9 +28,9 @@ import pytest
 # tests/ holds the helpers shared with tests/integration (daemon process, Redis, DNS).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policyd_process import DaemonFactory, DaemonProcess, daemons
 from prometheus_client.parser import text_string_to_metric_families
-from redis_server import RedisServer, require
+from support.policyd_process import DaemonFactory, DaemonProcess, daemons
+from support.redis_server import RedisServer, require
 
 from .load import DEADLINE, RATE, WHITELISTED_NET, Load, mixed_question
 
@@ -114,7 +114,7 @@ def log_lines(log: str, *needles: str) -> list[str]:
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server on a unix socket (tests/redis_server.py), killed at the end."""
+    """A private redis-server on a unix socket (tests/support/redis_server.py), killed at the end."""
     require()
     server = RedisServer(tmp_path / "redis")
     server.start()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policyd_process import rss_kib
+from support.policyd_process import rss_kib
 
 #: Questions per second of the load: a busy small MX is far below; high enough that every
 #: state of a fault lasting a fraction of a second is asked about many times.

@@ -1,5 +1,5 @@
 """DNS trouble under SPF never blocks mail: the daemon checks SPF against a loopback DNS
-server (tests/dns_server.py) that stops answering, answers late, or answers SERVFAIL for the
+server (tests/support/dns_server.py) that stops answering, answers late, or answers SERVFAIL for the
 senders' domain. Each question still gets its answer within the deadline (SPF's own budget,
 800 ms, is below it): a temperror, deferred with ``451 4.4.3`` (RFC 7208 §8.6), never a
 5xx; when DNS heals, SPF passes again without help."""
@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from dns_server import DnsServer
-from policyd_process import DaemonFactory
+from support.dns_server import DnsServer
+from support.policyd_process import DaemonFactory
 
 from .conftest import LoadFactory, policy
 from .load import (

@@ -12,7 +12,7 @@ import signal
 import time
 
 import pytest
-from policyd_process import DaemonFactory, admin
+from support.policyd_process import DaemonFactory, admin
 
 from .conftest import DELAY, LoadFactory, log_lines, policy
 from .load import (

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from policyd_process import DaemonFactory, DaemonProcess, admin
-from redis_server import RedisServer
+from support.policyd_process import DaemonFactory, DaemonProcess, admin
+from support.redis_server import RedisServer
 
 from .conftest import DELAY, LoadFactory, log_lines, metric_total, policy
 from .load import (

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from policyd_process import DaemonFactory, DaemonProcess, admin
+from support.policyd_process import DaemonFactory, DaemonProcess, admin
 
 from .conftest import (
     LoadFactory,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import START_TIMEOUT, DaemonFactory, DaemonProcess, ask_blocking
+from support.exim_client import ask_blocking
+from support.policyd_process import START_TIMEOUT, DaemonFactory, DaemonProcess
 from test_daemon import GREYLISTED, POLICY, rcpt
 
 from policyd.config import from_mapping

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import START_TIMEOUT, DaemonProcess
+from support.policyd_process import START_TIMEOUT, DaemonProcess
 from test_policyctl import GREYLISTED, POLICY, ask, ctl, ok_ctl, rcpt, start
 
 from policyd.config import files as configfile

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, DaemonFactory, DaemonProcess, ask_blocking
+from support.exim_client import ask_blocking
+from support.policyd_process import REPO, DaemonFactory, DaemonProcess
 
 from policyd.checks.greylist import DEFER_CODE, DEFER_ECODE
 from policyd.ctl.importers import parse

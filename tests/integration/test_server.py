@@ -14,16 +14,15 @@ from typing import Any
 
 import pytest
 from conftest import (
-    ANSWER_TIMEOUT,
     GOLDEN_CONFIG,
     GOLDEN_ROWS,
     WELL_FORMED,
     GoldenRow,
-    Question,
     ServerFactory,
-    ask,
     running_server,
 )
+from support.exim_client import Question, ask
+from support.policyd_process import ANSWER_TIMEOUT
 
 from policyd.dispatch import FALLBACK_DEFER
 from policyd.protocol import format_answer

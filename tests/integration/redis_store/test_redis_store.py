@@ -20,7 +20,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis_server import free_port, make_certificates
+from support.redis_server import free_port, make_certificates
 
 from policyd.checks.greylist import Status, Timing
 from policyd.checks.ratelimit import Charge, Limit

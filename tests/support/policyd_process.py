@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Far above every deadline used in tests: reaching it means the daemon hung.
 ANSWER_TIMEOUT = 5.0
 #: Start-up of a subprocess daemon (interpreter, imports, SQLite, bind).
