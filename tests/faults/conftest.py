@@ -114,7 +114,7 @@ def log_lines(log: str, *needles: str) -> list[str]:
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server on a unix socket (tests/support/redis_server.py), killed at the end."""
+    """A private redis-server on a unix socket (support/redis_server.py), killed at the end."""
     require()
     server = RedisServer(tmp_path / "redis")
     server.start()

@@ -153,7 +153,7 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         yield make
 
 
-# --- the daemon as a subprocess: tests/support/policyd_process.py ------------------------------------
+# --- the daemon as a subprocess: tests/support/policyd_process.py ---------------------------
 
 
 @pytest.fixture
