@@ -174,6 +174,8 @@ class Daemon:
             try:
                 await admin.reload_whitelist()
                 figures = await admin.store.stats(self.config.greylist.auto_whitelist_after)
+            except StoreUnavailable as exc:  # an outage the store's breaker already logs
+                logger.warning("housekeeping skipped, the store is unavailable: %s", exc)
             except Exception:  # housekeeping trouble must never stop the daemon
                 logger.exception("housekeeping failed; will retry")
             else:

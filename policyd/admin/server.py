@@ -108,6 +108,8 @@ class Admin:
             return {"ok": True, "result": await handler(request)}
         except (AdminError, ListError, ProtocolError) as exc:
             return {"ok": False, "error": str(exc)}
+        except StoreUnavailable as exc:  # an outage, not a bug: said, logged by the store
+            return {"ok": False, "error": f"store unavailable: {exc}"}
         except asyncio.CancelledError:
             raise
         except Exception as exc:
