@@ -183,7 +183,9 @@ def session(lab: Path, variant: Variant, macros: dict[str, str]) -> tuple[float,
     argv += ["-bh", CLIENT]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(argv, input=DIALOGUE, capture_output=True, timeout=SESSION_TIMEOUT_S)
+    done = subprocess.run(
+        argv, input=DIALOGUE, capture_output=True, timeout=SESSION_TIMEOUT_S, check=False
+    )
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = done.stdout.decode(errors="replace")
@@ -202,7 +204,9 @@ def count_questions(lab: Path, variant: Variant, macros: dict[str, str]) -> int:
     argv += [f"-D{k}={v}" for k, v in {**macros, **variant.macros}.items()]
     argv = ["strace", "-f", "-e", "trace=connect", "-o", str(trace), *argv, "-bh", CLIENT]
     try:
-        subprocess.run(argv, input=DIALOGUE, capture_output=True, timeout=SESSION_TIMEOUT_S)
+        subprocess.run(
+            argv, input=DIALOGUE, capture_output=True, timeout=SESSION_TIMEOUT_S, check=False
+        )
     except FileNotFoundError:
         return -1
     return len(re.findall(r"floor\.sock", trace.read_text()))

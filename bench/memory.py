@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import servers
+import stats
 from loadgen import install_uvloop, run_load
 from workload import Packed, Triplet, format_request
 
@@ -262,9 +263,24 @@ def idle_connections_point(k: int, server: servers.Server, args: argparse.Namesp
     return point
 
 
+#: Issue 18: the daemon's peak RSS with 1,000,000 stored triplets.
+RSS_1M = stats.Target("peak RSS (VmHWM) at 1,000,000 stored triplets", 48.0, True, " MiB")
+
+
+def judge_targets(report: dict) -> list[dict[str, object]]:
+    """The RSS target: one measurement, so its interval is the point itself."""
+    point = next((p for p in report["store_size"] if p["triplets"] == 1_000_000), None)
+    if point is None:
+        return [RSS_1M.judge(None)]
+    mib = point["rss_kib_after"]["VmHWM"] / 1024
+    return [RSS_1M.judge(stats.Estimate(mib, mib, mib, 1), spec=".1f")]
+
+
 def summary_markdown(report: dict) -> str:
     lines = [
         f"# bench/memory.py — {report['meta']['date']}",
+        "",
+        *stats.targets_markdown(report.get("targets", []), "measured (one run)"),
         "",
         "| stored triplets | fill s | file MiB | RSS idle MiB | RSS after questions MiB "
         "| peak MiB | answers to stored triplets |",
@@ -314,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.huge:
         sizes.append(10_000_000)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or servers.BENCH_DIR / "results" / f"memory-{stamp}.json"
+    name = "memory-10m" if args.huge else "memory"
+    out = args.out or servers.BENCH_DIR / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     report: dict = {
@@ -348,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 servers.stop(server)
         shutil.rmtree(workdir, ignore_errors=True)
     report["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
+    report["targets"] = judge_targets(report)
     servers.write_results(out, report, summary_markdown(report))
     return 0
 

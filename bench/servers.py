@@ -92,11 +92,13 @@ def policyd_config(
     log_level: str | None = None,
     store_url: str | None = None,
     name: str = "policyd",
+    extra: str = "",
 ) -> Path:
     """The bench config: the brief's settings, our whitelist, files in ``workdir``.
 
     ``store_url`` replaces the SQLite file (e.g. ``unix:///…/redis.sock``); ``name`` names
-    the socket and the config file, so several daemons can share ``workdir``."""
+    the socket and the config file, so several daemons can share ``workdir``; ``extra`` is
+    TOML appended (``TWO_RATE_RULES``)."""
     url = store_url or f"sqlite://{db_path or workdir / 'state.sqlite3'}"
     wl = ", ".join(f'"{c}"' for c in WHITELIST_CIDRS)
     level = f'log_level = "{log_level}"\n' if log_level else ""
@@ -120,10 +122,29 @@ def policyd_config(
         f'socket = "{workdir / f"{name}-admin.sock"}"\n'
         "\n[metrics]\n"
         'listen = "127.0.0.1:0"\n'
+        f"{extra}"
     )
     path = workdir / f"{name}.toml"
     path.write_text(text)
     return path
+
+
+#: Two rate-limit rules whose limits are far above any bench load: they cost their work on
+#: every question but refuse nothing. "Greylisting + two rate rules" is the configuration the
+#: per-question targets are set for (run.py's default; variants.py's second variant).
+TWO_RATE_RULES = """
+[[ratelimit.rule]]
+name = "per-client-messages"
+key = "client"
+count = "messages"
+rate = "1000000/1h"
+
+[[ratelimit.rule]]
+name = "per-sender-domain-recipients"
+key = "sender_domain"
+count = "recipients"
+rate = "1000000/1h"
+"""
 
 
 def _raise_nofile() -> None:

@@ -40,20 +40,7 @@ import servers
 from loadgen import run_load
 from workload import generate
 
-TWO_RULES = """
-[[ratelimit.rule]]
-name = "per-client-messages"
-key = "client"
-count = "messages"
-rate = "1000000/1h"
-
-[[ratelimit.rule]]
-name = "per-sender-domain-recipients"
-key = "sender_domain"
-count = "recipients"
-rate = "1000000/1h"
-"""
-VARIANTS = {"greylist": "", "greylist + 2 rate rules": TWO_RULES}
+VARIANTS = {"greylist": "", "greylist + 2 rate rules": servers.TWO_RATE_RULES}
 SPF = """
 [spf]
 enabled = true

@@ -282,7 +282,7 @@ class Admin:
             recipient=_text(request, "recipient", required=True),
             auth=_text(request, "auth"),
         )
-        return await explain(self.dispatcher, query, self.clock())
+        return await explain(self.dispatcher, self.store, query, self.clock())
 
     async def stats(self, _: dict[str, Any]) -> dict[str, Any]:
         dispatcher = self.dispatcher

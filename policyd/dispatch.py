@@ -14,12 +14,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from . import __version__
 from .addresses import NetworkSet
-from .checks.greylist import Greylist, Status
-from .checks.ratelimit import RateLimiter
+from .checks.greylist import Greylist, GreylistResult, Status
+from .checks.ratelimit import Decision, RateLimiter
 from .checks.spf_headers import Identity, Result
 from .config import Config
 from .decisions import DecisionLog, HashedFields
@@ -30,7 +31,7 @@ from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
 from .stale import MICROSECONDS, Age, RateLimitedLog, classify
-from .stores import QuestionStore, Store, StoreUnavailable
+from .stores import QuestionStore, StoreUnavailable
 from .stores.keys import HashedStore
 from .stores.timed import TimedStore
 from .txn import Transaction, TransactionMemory
@@ -61,6 +62,17 @@ def spf_pass_domain(outcome: SpfOutcome | None) -> str:
     return outcome.domain.lower()
 
 
+@dataclass(slots=True)
+class Trace:
+    """What the dispatcher found for one question, filled only by a dispatcher given one
+    (``policyctl explain``, policyd/explain.py): the findings come from the one decision
+    path instead of a second copy of it. A check it did not reach stays None (or empty)."""
+
+    spf: SpfOutcome | None = None
+    greylist: GreylistResult | None = None
+    ratelimit: tuple[Decision, ...] = ()
+
+
 def fallback_verdict(config: Config, cause: str) -> Verdict:
     """The configured answer when the daemon cannot decide (``[server] fallback``)."""
     if config.server.fallback == "defer":
@@ -74,7 +86,7 @@ class Dispatcher:
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: QuestionStore,
         *,
         clock: Callable[[], float] = time.time,
         hostname: str | None = None,
@@ -108,6 +120,8 @@ class Dispatcher:
         self.txns = TransactionMemory()
         self.conns = TransactionMemory()
         self._skipping = IdentityMemo(_skip_data, SKIP_DATA_MEMO_ENTRIES)
+        #: Filled with the findings when set (a read-only view's; see ``read_only``).
+        self.trace: Trace | None = None
         self._stale_log = RateLimitedLog("answered the fallback to questions Exim gave up on")
         self._odd_time_log = RateLimitedLog("ignored an implausible t= (clocks disagree?)")
         self.reconfigure(config)
@@ -141,6 +155,28 @@ class Dispatcher:
         self.ratelimit = RateLimiter(rules, NetworkSet(config.ratelimit.exempt_clients), self.store)
         for name, tally in self.ratelimit.counters.items():
             self.metrics.ratelimit_fill.labels(name).set_function(tally.take_peak_fill)
+
+    def read_only(self, store: QuestionStore) -> Dispatcher:
+        """A dispatcher deciding as this one does, over ``store`` (explain's read-only view,
+        policyd/stores/readonly.py), with a trace to fill: same policy and runtime whitelist,
+        the SPF check's caches shared but its temperror give-up memory only read, a new
+        transaction memory (the question is the first recipient of a new message), and
+        metrics and the decision log of its own, never exported or written. State that a
+        decision depends on and that is added here must be shared or read-only there too."""
+        view = Dispatcher(
+            self.config, store, clock=self.clock, hostname=self.hostname, resolver=self.resolver
+        )
+        view.whitelist = self.whitelist
+        view.spf = self.spf.read_only() if self.spf is not None else None
+        view.trace = Trace()
+        return view
+
+    async def decide(self, query: Query, now: float) -> Verdict:
+        """The verdict for a decoded RCPT question, without the fail-safe boundary, the
+        decision log or the question metrics (``answer`` has them; explain uses this)."""
+        if query.stage is not Stage.RCPT:
+            raise ValueError("only RCPT questions are decided here")
+        return await self._rcpt(query, now)
 
     async def aclose(self) -> None:
         """Release what the checks hold (the DNS resolver); write the warnings' counts."""
@@ -252,6 +288,8 @@ class Dispatcher:
             if outcome.result is not None and outcome.identity is not None:
                 labels = (outcome.identity._value_, outcome.result._value_)
                 _child(self._spf_counters, self.metrics.spf, labels).inc()
+        if self.trace is not None:
+            self.trace.spf = txn.spf
         return txn.spf
 
     async def _start_greylist_clock(self, query: Query, now: float, spf: SpfOutcome) -> None:
@@ -262,32 +300,28 @@ class Dispatcher:
         not used (the answer is SPF's deferral), and a store failure only costs the head start.
         """
         try:
-            await self.greylist.check(query, now)
+            await self.greylist.check(query, now, self.whitelist)
             if spf.domain:
-                await self.greylist.check(query, now, spf_domain=spf.domain)
+                await self.greylist.check(query, now, self.whitelist, spf_domain=spf.domain)
         except StoreUnavailable as exc:
             logger.debug("greylist clock not started for an SPF deferral: %s", exc)
 
     async def _greylist(
         self, query: Query, txn: Transaction, now: float, spf: SpfOutcome | None
     ) -> Verdict:
-        passed_domain = spf_pass_domain(spf)
-        entry = (
-            self.whitelist.match(query, now, passed_domain)
-            if self.config.greylist.enabled
-            else None
-        )
-        if entry is not None:
-            return Verdict(Action.ACCEPT, check="greylist", reason=f"whitelist-{entry.kind}")
         together = self.config.greylist.multi_recipient == "first"
         earlier = txn.greylist if together else None
         result = await self.greylist.check(
             query,
             now,
+            self.whitelist,
+            spf_pass_domain=spf_pass_domain(spf),
             force_pass=earlier is Action.ACCEPT,
             spf_domain=spf.greylist_domain if spf is not None else None,
             extra_delay=spf.extra_greylist_delay if spf is not None else 0.0,
         )
+        if self.trace is not None:
+            self.trace.greylist = result
         if result.status is None:  # skipped: whitelists do not decide for the others
             return result.verdict
         txn.delayed = max(txn.delayed, result.delayed)
@@ -312,6 +346,8 @@ class Dispatcher:
             return txn.rate_refused
         conn = self.conns.setdefault(query.conn, now)
         result = await limiter.check(query, now, txn.rate_charged | conn.rate_charged)
+        if self.trace is not None:
+            self.trace.ratelimit = result.decisions
         for decision in result.decisions:
             outcome = "allowed" if decision.outcome.allowed else "limited"
             if not decision.outcome.allowed and decision.charge.dry_run:

@@ -304,7 +304,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ("status", "what is installed (exit 0 when enabled)"),
     ):
         sub = actions.add_parser(name, help=help_text)
-        sub.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
+        sub.add_argument(
+            "--root",
+            type=Path,
+            default=Path("/"),
+            metavar="DIR",
+            help="work on the Exim configuration under DIR instead of / (a staged copy)",
+        )
         sub.add_argument(
             "--snippets", type=Path, default=DEFAULT_SNIPPETS, metavar="DIR",
             help=f"the fragments (default {DEFAULT_SNIPPETS})",

@@ -109,16 +109,9 @@ def _sequence(nfa: _NFA, items: Sequence[tuple[Any, Any]], then: int) -> int:
 def _item(nfa: _NFA, op: Any, arg: Any, then: int) -> int:
     if op in _REFUSED:
         raise PatternError(f"{_REFUSED[op]} (only linear-time patterns are accepted)")
-    if op is sre.LITERAL:
-        char = chr(arg).lower()
-        return nfa.add(_CHAR, [then], char.__eq__)
-    if op is sre.NOT_LITERAL:
-        char = chr(arg).lower()
-        return nfa.add(_CHAR, [then], char.__ne__)
-    if op is sre.ANY:
-        return nfa.add(_CHAR, [then], "\n".__ne__)
-    if op is sre.IN:
-        return nfa.add(_CHAR, [then], _char_class(arg))
+    test = _char_test(op, arg)
+    if test is not None:
+        return nfa.add(_CHAR, [then], test)
     if op is sre.SUBPATTERN:
         _group, add_flags, del_flags, body = arg
         if del_flags or add_flags & ~_HARMLESS_FLAGS:
@@ -130,12 +123,29 @@ def _item(nfa: _NFA, op: Any, arg: Any, then: int) -> int:
         low, high, body = arg  # greedy or lazy: the same set of matches
         return _repeat(nfa, low, high, list(body), then)
     if op is sre.AT:
-        if arg in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING):
-            return nfa.add(_BEGIN, [then])
-        if arg in (sre.AT_END, sre.AT_END_STRING):
-            return nfa.add(_END, [then])
-        raise PatternError("word boundaries (\\b, \\B) are not supported; anchors: ^ $ \\A \\Z")
+        return _anchor(nfa, arg, then)
     raise PatternError(f"{op} is not supported")
+
+
+def _char_test(op: Any, arg: Any) -> Predicate | None:
+    """The test of an item that matches one character, or None for other items."""
+    if op is sre.LITERAL:
+        return chr(arg).lower().__eq__
+    if op is sre.NOT_LITERAL:
+        return chr(arg).lower().__ne__
+    if op is sre.ANY:
+        return "\n".__ne__
+    if op is sre.IN:
+        return _char_class(arg)
+    return None
+
+
+def _anchor(nfa: _NFA, arg: Any, then: int) -> int:
+    if arg in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING):
+        return nfa.add(_BEGIN, [then])
+    if arg in (sre.AT_END, sre.AT_END_STRING):
+        return nfa.add(_END, [then])
+    raise PatternError("word boundaries (\\b, \\B) are not supported; anchors: ^ $ \\A \\Z")
 
 
 def _repeat(nfa: _NFA, low: int, high: int, body: list[tuple[Any, Any]], then: int) -> int:

@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from typing import Any, Final
 
 from .memo import IdentityMemo
@@ -45,7 +46,6 @@ _INT_FIELDS: Final = {
     "t": "asked",
 }
 _TOKEN_FIELDS: Final = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
-_B64, _INT, _TOKEN = 0, 1, 2
 #: Stage by its word: a dict look-up, where ``Stage(word)`` runs the enum's Python code.
 _STAGES: Final = {stage.value: stage for stage in Stage}
 #: Query's fields in constructor order, and their defaults: a request fills a copy of the
@@ -56,12 +56,6 @@ _STAGE, _CLIENT, _RELAY, _RECIPIENT, _RECIPIENTS, _SKIP_DATA = (
     _QUERY_FIELDS.index(name)
     for name in ("stage", "client", "relay", "recipient", "recipients", "skip_data")
 )
-#: key → (position in Query, kind): one look-up per word of the request.
-_FIELDS: Final = {
-    **{key: (_QUERY_FIELDS.index(attr), _B64) for key, attr in _B64_FIELDS.items()},
-    **{key: (_QUERY_FIELDS.index(attr), _INT) for key, attr in _INT_FIELDS.items()},
-    **{key: (_QUERY_FIELDS.index(attr), _TOKEN) for key, attr in _TOKEN_FIELDS.items()},
-}
 _MAX_INT_DIGITS: Final = 18
 _MAX_TOKEN: Final = 128
 _TEXT_UNSAFE: Final = re.compile(r"[^\x20-\x7e]")
@@ -147,32 +141,44 @@ def _read_words(words: list[str], values: list[Any]) -> tuple[set[str], str, str
             elif key == "ip":
                 ip = value
         elif not bad_value:
-            index, kind = field
-            if kind == _B64:
-                if value:
-                    try:
-                        values[index] = _b64(value)
-                    except ValueError:
-                        bad_value = f"{key}= is not valid base64: {value[:40]!r}"
-            elif kind == _INT:
-                # The line is ASCII: isdigit() is [0-9] here.
-                if value.isdigit() and len(value) <= _MAX_INT_DIGITS:
-                    values[index] = int(value)
-                else:
-                    bad_value = f"{key}= is not a number: {value[:20]!r}"
-            # A word holds no whitespace: printable is [!-~] here.
-            elif value.isprintable() and len(value) <= _MAX_TOKEN:
-                values[index] = value
-            else:
-                bad_value = f"{key}= is not a printable token"
+            index, convert = field
+            try:
+                values[index] = convert(value)
+            except ValueError as exc:
+                bad_value = f"{key}= {exc}"
     return seen, version, ip, bad_value
 
 
 def _b64(value: str) -> str:
     # What base64.b64decode(value, validate=True) does, without its wrappers (they cost more
     # than the decoding); the value is ASCII already (the request was decoded as ASCII).
-    # binascii.Error is a ValueError.
-    return binascii.a2b_base64(value, strict_mode=True).decode("utf-8", errors="replace")
+    try:
+        decoded = binascii.a2b_base64(value, strict_mode=True)
+    except binascii.Error:  # a ValueError
+        raise ValueError(f"is not valid base64: {value[:40]!r}") from None
+    return decoded.decode("utf-8", errors="replace")
+
+
+def _number(value: str) -> int:
+    # The line is ASCII: isdigit() is [0-9] here.
+    if value.isdigit() and len(value) <= _MAX_INT_DIGITS:
+        return int(value)
+    raise ValueError(f"is not a number: {value[:20]!r}")
+
+
+def _token(value: str) -> str:
+    # A word holds no whitespace: printable is [!-~] here.
+    if value.isprintable() and len(value) <= _MAX_TOKEN:
+        return value
+    raise ValueError("is not a printable token")
+
+
+#: key → (position in Query, converter): one look-up per word of the request.
+_FIELDS: Final[dict[str, tuple[int, Callable[[str], Any]]]] = {
+    **{key: (_QUERY_FIELDS.index(attr), _b64) for key, attr in _B64_FIELDS.items()},
+    **{key: (_QUERY_FIELDS.index(attr), _number) for key, attr in _INT_FIELDS.items()},
+    **{key: (_QUERY_FIELDS.index(attr), _token) for key, attr in _TOKEN_FIELDS.items()},
+}
 
 
 def normalise_ip(text: str) -> IPAddress:

@@ -1,5 +1,6 @@
 """Greylisting (design.md §3): a pure state machine over one triplet and its client, and the
-thin async shell that applies whitelists and asks the store to run the machine atomically.
+thin async shell that applies skips and whitelists (static and runtime, in one defined order:
+``Greylist.exemption``) and asks the store to run the machine atomically.
 
 Nothing here reads a clock: ``now`` is always passed in.
 """
@@ -19,6 +20,7 @@ from ..addresses import (
     normalise_sender,
 )
 from ..config import GreylistConfig
+from ..lists import KINDS, ListEntry, Whitelist
 from ..model import Action, Query, Verdict
 
 CHECK: Final = "greylist"
@@ -99,6 +101,19 @@ def _is_whitelisted(client: Client | None, now: float, timing: Timing) -> bool:
     )
 
 
+def _unexpired(triplet: Triplet | None, now: float, timing: Timing) -> Triplet | None:
+    """The stored triplet, or None when it has expired (an unpassed one not retried within
+    the retry window, a passed one unused for max_age) or was first seen in the future (the
+    clock stepped back)."""
+    if triplet is None or now < triplet.first_seen:
+        return None
+    if triplet.passed:
+        expired = now - triplet.last_seen > timing.max_age
+    else:
+        expired = now - triplet.first_seen > timing.retry_window
+    return None if expired else triplet
+
+
 def step(
     triplet: Triplet | None,
     client: Client | None,
@@ -113,12 +128,7 @@ def step(
         assert client is not None
         refreshed = Client(client.passes, now)
         return Step(Status.AUTO, None, 0.0, refreshed, now + timing.max_age, 0.0, 0.0)
-    live = triplet
-    if live is not None:
-        expired_unpassed = not live.passed and now - live.first_seen > timing.retry_window
-        expired_passed = live.passed and now - live.last_seen > timing.max_age
-        if expired_unpassed or expired_passed or now < live.first_seen:
-            live = None
+    live = _unexpired(triplet, now, timing)
     if live is None and not force_pass:
         fresh = Triplet(now, now, False, 1)
         expires = now + timing.retry_window
@@ -172,11 +182,15 @@ _worded_wait: Final = functools.lru_cache(maxsize=VERDICT_CACHE_ENTRIES)(human_d
 
 @dataclass(frozen=True, slots=True)
 class GreylistResult:
-    """The verdict plus what the transaction memory and metrics need."""
+    """The verdict plus what the transaction memory and metrics need.
+
+    ``status`` is None when the question was not greylisted (a skip or a whitelist);
+    ``entry`` is the runtime whitelist entry that let it skip, if one did."""
 
     verdict: Verdict
     status: Status | None
     delayed: float = 0.0
+    entry: ListEntry | None = None
 
 
 class Greylist:
@@ -188,27 +202,47 @@ class Greylist:
         self.store = store
         self.whitelist_clients = NetworkSet(config.whitelist_clients)
         self.whitelist_recipients = AddressPatterns(config.whitelist_recipients)
-        # Shared answers, by status and worded wait (see verdict()), and per skip reason.
+        # Shared answers, by status and worded wait (see verdict()), per skip reason, and per
+        # kind of runtime whitelist entry.
         self._verdicts: dict[tuple[str, str], Verdict] = {}
         self._skipped: dict[str, GreylistResult] = {}
+        self._whitelisted = {
+            kind: Verdict(Action.ACCEPT, check=CHECK, reason=f"whitelist-{kind}") for kind in KINDS
+        }
 
-    def skip_reason(self, query: Query, recipient: str | None = None) -> str:
-        """Why this question is not greylisted at all ('' when it is). ``recipient`` is
-        the normalised recipient when the caller has it."""
+    def exemption(
+        self, query: Query, now: float, whitelist: Whitelist, spf_pass_domain: str, recipient: str
+    ) -> GreylistResult | None:
+        """Why this question is not greylisted at all, or None when it is: the one place that
+        decides skips and whitelists (docs/greylisting.md, "Skips and whitelists"). In order:
+        greylisting disabled; a runtime whitelist entry (``policyctl whitelist``;
+        ``spf_pass_domain`` is the MAIL FROM domain when SPF passed for it, else '');
+        the static ``whitelist_clients`` and ``whitelist_recipients``; an authenticated
+        sender or a relay client. ``recipient`` is the normalised recipient."""
         config = self.config
         if not config.enabled:
-            return "disabled"
-        if query.auth and config.skip_authenticated:
-            return "authenticated"
-        if query.relay and config.skip_relay:
-            return "relay-client"
+            return self._skipped_for("disabled")
+        entry = whitelist.match(query, now, spf_pass_domain)
+        if entry is not None:
+            return GreylistResult(self._whitelisted[entry.kind], None, entry=entry)
         if query.client in self.whitelist_clients:
-            return "whitelisted-client"
-        if recipient is None:
-            recipient = normalise_recipient(query.recipient)
+            return self._skipped_for("whitelisted-client")
         if self.whitelist_recipients.match(recipient):
-            return "whitelisted-recipient"
-        return ""
+            return self._skipped_for("whitelisted-recipient")
+        if query.auth and config.skip_authenticated:
+            return self._skipped_for("authenticated")
+        if query.relay and config.skip_relay:
+            return self._skipped_for("relay-client")
+        return None
+
+    def _skipped_for(self, reason: str) -> GreylistResult:
+        """The shared result for a skip ``reason`` (few reasons: made once each)."""
+        skipped = self._skipped.get(reason)
+        if skipped is None:
+            skipped = self._skipped[reason] = GreylistResult(
+                Verdict(Action.ACCEPT, check=CHECK, reason=reason), None
+            )
+        return skipped
 
     def keys(
         self, query: Query, spf_domain: str | None = None, recipient: str | None = None
@@ -264,19 +298,17 @@ class Greylist:
         self,
         query: Query,
         now: float,
+        whitelist: Whitelist,
         *,
+        spf_pass_domain: str = "",
         force_pass: bool = False,
         spf_domain: str | None = None,
         extra_delay: float = 0.0,
     ) -> GreylistResult:
+        """Skips and whitelists (``exemption``), else one store step and its verdict."""
         recipient = normalise_recipient(query.recipient)
-        skip = self.skip_reason(query, recipient)
-        if skip:
-            skipped = self._skipped.get(skip)
-            if skipped is None:
-                skipped = self._skipped[skip] = GreylistResult(
-                    Verdict(Action.ACCEPT, check=CHECK, reason=skip), None
-                )
+        skipped = self.exemption(query, now, whitelist, spf_pass_domain, recipient)
+        if skipped is not None:
             return skipped
         key, client = self.keys(query, spf_domain, recipient)
         timing = self.timing_for(extra_delay)

@@ -19,10 +19,11 @@ memory and the %{t} macro; nothing here reads a clock.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import socket
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from ..addresses import NetworkSet, ip_text, normalise_sender
@@ -198,9 +199,15 @@ class TempErrorMemory:
     max_time: float
     max_entries: int = MAX_TEMPERROR_ENTRIES
     _entries: OrderedDict[tuple[str, str], _Deferrals] = field(default_factory=OrderedDict)
+    #: False in a read-only view (``read_only``): ``give_up`` answers and records nothing.
+    recording: bool = True
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def read_only(self) -> TempErrorMemory:
+        """A view over the same entries whose ``give_up`` records nothing (explain)."""
+        return replace(self, recording=False)
 
     def give_up(self, client: str, sender: str, now: float) -> bool:
         """Record one more temperror; True when the rule says accept instead of defer."""
@@ -208,14 +215,20 @@ class TempErrorMemory:
         entry = self._entries.get(key)
         if entry is None or now - entry.first > self.max_time + TEMPERROR_FORGET_AFTER:
             entry = _Deferrals(now)
-            self._entries[key] = entry
+            if self.recording:
+                self._entries[key] = entry
+        if not self.recording:
+            return self._exhausted(entry, now)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        if entry.count >= self.max_defers or now - entry.first >= self.max_time:
+        if self._exhausted(entry, now):
             return True
         entry.count += 1
         return False
+
+    def _exhausted(self, entry: _Deferrals, now: float) -> bool:
+        return entry.count >= self.max_defers or now - entry.first >= self.max_time
 
 
 # -- async shell -------------------------------------------------------------------------------
@@ -253,6 +266,14 @@ class SpfCheck:
     async def close(self) -> None:
         if self._owns_resolver:
             await self.resolver.close()
+
+    def read_only(self) -> SpfCheck:
+        """This check with its caches and resolver shared and its temperror give-up memory
+        only read (explain): it decides as this one would, and changes no decision later."""
+        view = copy.copy(self)
+        view.temperrors = self.temperrors.read_only()
+        view._owns_resolver = False
+        return view
 
     def skip_reason(self, query: Query) -> str:
         if not self.config.enabled:

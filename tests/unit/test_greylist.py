@@ -19,10 +19,12 @@ from policyd.checks.greylist import (
     step,
 )
 from policyd.config import GreylistConfig
+from policyd.lists import ListEntry, Whitelist
 from policyd.model import Action, Query, Stage
 
 T = Timing(delay=300, retry_window=2 * 86400, max_age=35 * 86400, auto_whitelist_after=3)
 T0 = 1_700_000_000.0
+NO_ENTRIES = Whitelist([])
 
 
 def test_new_triplet_is_deferred_for_the_delay() -> None:
@@ -168,11 +170,11 @@ def query(
 
 async def test_shell_defers_with_451_471_and_a_human_text() -> None:
     grey = Greylist(GreylistConfig(), MemoryStore())
-    result = await grey.check(query(), T0)
+    result = await grey.check(query(), T0, NO_ENTRIES)
     assert result.verdict.action is Action.DEFER
     assert (result.verdict.code, result.verdict.ecode) == (451, "4.7.1")
     assert "5 minutes" in result.verdict.text
-    again = await grey.check(query(), T0 + 301)
+    again = await grey.check(query(), T0 + 301, NO_ENTRIES)
     assert again.verdict.action is Action.ACCEPT
     assert again.verdict.reason == "passed"
 
@@ -180,8 +182,10 @@ async def test_shell_defers_with_451_471_and_a_human_text() -> None:
 async def test_shell_keys_on_network_and_normalised_sender() -> None:
     store = MemoryStore()
     grey = Greylist(GreylistConfig(), store)
-    await grey.check(query(ip="192.0.2.10", sender="prvs=1234abcd=Bob+x@Example.NET"), T0)
-    await grey.check(query(ip="2001:db8::25", rcpt="B@Example.ORG"), T0)
+    await grey.check(
+        query(ip="192.0.2.10", sender="prvs=1234abcd=Bob+x@Example.NET"), T0, NO_ENTRIES
+    )
+    await grey.check(query(ip="2001:db8::25", rcpt="B@Example.ORG"), T0, NO_ENTRIES)
     assert store.keys[0] == ("192.0.2.0/24|bob@example.net|b@example.org", "192.0.2.0/24")
     assert store.keys[1] == ("2001:db8::/64|a@example.net|b@example.org", "2001:db8::/64")
 
@@ -199,18 +203,57 @@ async def test_shell_skips() -> None:
         "authenticated": query(auth="alice"),
     }
     for reason, q in cases.items():
-        result = await grey.check(q, T0)
+        result = await grey.check(q, T0, NO_ENTRIES)
         assert (result.verdict.action, result.verdict.reason) == (Action.ACCEPT, reason)
-    assert (await grey.check(query(rcpt="x@optout.example"), T0)).verdict.action is Action.ACCEPT
+    assert (
+        await grey.check(query(rcpt="x@optout.example"), T0, NO_ENTRIES)
+    ).verdict.action is Action.ACCEPT
     assert store.keys == []
     disabled = Greylist(GreylistConfig(enabled=False), store)
-    assert (await disabled.check(query(), T0)).verdict.reason == "disabled"
+    assert (await disabled.check(query(), T0, NO_ENTRIES)).verdict.reason == "disabled"
+
+
+async def test_skips_and_whitelists_are_decided_in_one_documented_order() -> None:
+    """docs/greylisting.md "Skips and whitelists": disabled, then a runtime entry, then the
+    static lists, then authenticated/relay; a runtime entry names itself in the result."""
+    store = MemoryStore()
+    config = GreylistConfig(
+        whitelist_clients=(ipaddress.ip_network("198.51.100.0/24"),),
+        whitelist_recipients=("postmaster@",),
+        skip_relay=True,
+    )
+    grey = Greylist(config, store)
+    entry = ListEntry("client", "198.51.100.9/32", comment="partner")
+    runtime = Whitelist([entry, ListEntry("sender_domain", "example.net")])
+    everything = query(ip="198.51.100.9", rcpt="postmaster@example.org", auth="alice")
+    everything.relay = True
+    listed = await grey.check(everything, T0, runtime)
+    assert (listed.verdict.reason, listed.entry, listed.status) == ("whitelist-client", entry, None)
+    in_config = await grey.check(everything, T0, NO_ENTRIES)
+    assert in_config.verdict.reason == "whitelisted-client"
+    assert in_config.entry is None
+    other_client = query(rcpt="postmaster@example.org", auth="alice")
+    assert (await grey.check(other_client, T0, NO_ENTRIES)).verdict.reason == (
+        "whitelisted-recipient"
+    )
+    other_client.recipient = "b@example.org"
+    assert (await grey.check(other_client, T0, NO_ENTRIES)).verdict.reason == "authenticated"
+    other_client.auth, other_client.relay = "", True
+    assert (await grey.check(other_client, T0, NO_ENTRIES)).verdict.reason == "relay-client"
+    # A sender_domain entry counts only with the SPF-pass domain the caller gives.
+    other_client.relay = False
+    assert (await grey.check(other_client, T0, runtime)).status is Status.NEW
+    passed = await grey.check(other_client, T0, runtime, spf_pass_domain="example.net")
+    assert passed.verdict.reason == "whitelist-sender_domain"
+    disabled = Greylist(GreylistConfig(enabled=False), store)
+    assert (await disabled.check(everything, T0, runtime)).verdict.reason == "disabled"
+    assert len(store.keys) == 1  # only the question that was greylisted reached the store
 
 
 async def test_learn_mode_records_but_accepts() -> None:
     store = MemoryStore()
     grey = Greylist(GreylistConfig(learn=True), store)
-    result = await grey.check(query(), T0)
+    result = await grey.check(query(), T0, NO_ENTRIES)
     assert result.verdict.action is Action.ACCEPT
     assert result.verdict.reason == "learn-new"
     assert len(store.triplets) == 1

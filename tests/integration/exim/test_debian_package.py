@@ -170,10 +170,7 @@ def test_install_greylist_through_exim_remove_purge(deb: Path, tmp_path: Path) -
         with open(log, "wb") as out:
             daemon = subprocess.Popen(START, stdout=out, stderr=subprocess.STDOUT)
         wait_for(
-            lambda: (
-                run(["policyctl", "ping"]).returncode == 0
-                or daemon.poll() is not None
-            ),
+            lambda: run(["policyctl", "ping"]).returncode == 0 or daemon.poll() is not None,
             30.0,
             "the daemon to answer policyctl ping",
         )
