@@ -18,7 +18,12 @@ fragment directories (``SNIPPETS``) built here:
   (``POLICYD_HOST_NAME = yes`` with test.conf's ``host_lookup`` off: the reverse DNS lookup
   ``$sender_host_name`` then makes).
 
-Rounds run every variant ``--sessions`` times in a shuffled order; per round, each
+First, what single expansions cost (``exim -be``, the expansion tester: N copies of one
+expansion on stdin, minus N copies of a plain word; CPU of the whole process, so the
+difference is the expansions alone): the ones our fragments use, and a ``${readsocket}`` to
+the floor back to back (its CPU in Exim, and its wall time).
+
+Then rounds run every variant ``--sessions`` times in a shuffled order; per round, each
 variant's median session time (fork to exit, ms) and CPU (rusage of the children). The
 figures: per variant, the median over rounds of its per-round difference to ``nocheck``
 and to ``greylistd``, with a 95 % bootstrap interval (bench/stats.py). ``-bh`` writes a
@@ -212,12 +217,67 @@ def count_questions(lab: Path, variant: Variant, macros: dict[str, str]) -> int:
     return len(re.findall(r"floor\.sock", trace.read_text()))
 
 
+#: Expansions timed with -be: (name, expansion); $x-like values are literals here.
+EXPANSIONS = (
+    ("plain word (baseline)", "x"),
+    ("${base64:…} of an address", "${base64:sender@example.org}"),
+    ("${if eq{…}{…}}", "${if eq{ok}{defer}}"),
+    ("${extract{1}{ \\t\\r\\n}{…}} (first word)", "${extract{1}{ \\t\\r\\n}{ok passed}}"),
+    ("${if match{…}{regex}} (compiled each time)", "${if match{ok}{\\N^defer\\b\\N}}"),
+    ("${if def:…}", "${if def:sender_host_address {a}{b}}"),
+)
+EXPANSION_LINES = 20_000
+READSOCKET_LINES = 2_000
+
+
+def time_be(lab: Path, line: str, count: int) -> tuple[float, float]:
+    """(CPU ms, wall ms) of one ``exim -be`` process expanding ``line`` ``count`` times."""
+    argv = [str(exim_lab.EXIM), "-C", str(lab / "test.conf"), f"-DLAB={lab}"]
+    argv += [f"-DSNIPPETS={lab / 'v' / 'nocheck'}", "-be"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run(
+        argv, input=(line + "\n").encode() * count, capture_output=True, timeout=120, check=True
+    )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return cpu * 1e3, wall * 1e3
+
+
+def expansion_costs(lab: Path, floor_socket: str, repeats: int) -> dict[str, dict[str, float]]:
+    """µs per expansion (median of ``repeats``), the plain word's cost subtracted."""
+    readsocket = f"${{readsocket{{{floor_socket}}}{{rcpt v=1 ip=192.0.2.10\\n}}{{2s}}{{}}{{x}}}}"
+    out: dict[str, dict[str, float]] = {}
+    for name, line, count in [
+        *((n, e, EXPANSION_LINES) for n, e in EXPANSIONS),
+        ("plain word (baseline, readsocket run)", "x", READSOCKET_LINES),
+        ("${readsocket} to the floor, back to back", readsocket, READSOCKET_LINES),
+    ]:
+        runs = [time_be(lab, line, count) for _ in range(repeats)]
+        out[name] = {
+            "count": count,
+            "cpu_ms": statistics.median(r[0] for r in runs),
+            "wall_ms": statistics.median(r[1] for r in runs),
+        }
+    for row in out.values():
+        base = out[
+            "plain word (baseline)"
+            if row["count"] == EXPANSION_LINES
+            else "plain word (baseline, readsocket run)"
+        ]
+        row["cpu_us_each"] = round((row["cpu_ms"] - base["cpu_ms"]) / row["count"] * 1e3, 2)
+        row["wall_us_each"] = round((row["wall_ms"] - base["wall_ms"]) / row["count"] * 1e3, 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--sessions", type=int, default=3, help="per variant per round")
     parser.add_argument("--old", default="main", help="git revision of the old fragments")
     parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--be-repeats", type=int, default=5, help="exim -be runs per expansion")
     parser.add_argument("--out", type=Path, default=servers.BENCH_DIR / "results/exim-bh.json")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or not exim_lab.EXIM.exists():
@@ -234,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         macros = {"POLICYD_SOCKET": floors[0].socket, "GREYLISTD_SOCKET": floors[1].socket}
         questions = {v.name: count_questions(lab, v, macros) for v in all_variants}
+        expansions = expansion_costs(lab, floors[0].socket, args.be_repeats)
         for v in all_variants:  # warm-up: page cache, the floors' first answers
             session(lab, v, macros)
         wall: dict[str, list[float]] = {v.name: [] for v in all_variants}
@@ -253,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.stop(floor)
         shutil.rmtree(lab, ignore_errors=True)
     report = analyse(all_variants, wall, cpu, questions)
+    report["expansions"] = expansions
     report["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "exim_version": exim_lab.exim_version(),
@@ -321,6 +383,20 @@ def markdown(report: dict) -> str:
             f"{_est(row['wall_vs_nocheck'])} | {_est(row['wall_vs_greylistd'])} | "
             f"{row['cpu_ms']:.2f} | {_est(row['cpu_vs_nocheck'])} |"
         )
+    lines += [
+        "",
+        "One expansion (`exim -be`, N copies in one process, the plain word's cost subtracted; "
+        "median of the runs):",
+        "",
+        "| expansion | N | CPU µs each | wall µs each |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["expansions"].items():
+        if not name.startswith("plain word"):
+            lines.append(
+                f"| {name} | {row['count']} | {row['cpu_us_each']:.2f} | "
+                f"{row['wall_us_each']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
