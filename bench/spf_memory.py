@@ -1,7 +1,7 @@
 """Memory of the daemon with SPF on: RSS while it checks 100,000 distinct sender domains.
 
 Issue #5: "DNS cache bounded: RSS stays ≤ 48 MiB after checking 100,000 distinct domains".
-A loopback DNS server (tests/dns_server.py) serves a zone of ``--domains`` sender domains,
+A loopback DNS server (tests/support/dns_server.py) serves a zone of ``--domains`` sender domains,
 most with an SPF record of one of a few shapes (``ip4``/``ip6`` ranges, an ``include:`` of a
 shared provider, ``a mx``, ``?all``) and a quarter with none (NXDOMAIN). The daemon, [spf]
 enabled with the default cache sizes, is asked one RCPT question per domain (a new client
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(servers.REPO_DIR / "tests"))
     sys.path.insert(0, str(servers.REPO_DIR))
-    from dns_server import DnsServer
+    from support.dns_server import DnsServer
 
     from policyd.config import SpfConfig
 

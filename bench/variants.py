@@ -10,7 +10,7 @@ run side by side (own directories, own SQLite files) and are measured in interle
 Default variants: greylisting only, and greylisting plus two rate-limit rules (issue #4's
 target: ≥ 80 % of the greylist-only throughput at 16 askers). The rules' limits are far
 above the load, so they cost their work but refuse nothing. ``--spf`` adds greylisting plus
-SPF against a DNS server on loopback (tests/dns_server.py) that knows none of the workload's
+SPF against a DNS server on loopback (tests/support/dns_server.py) that knows none of the workload's
 sender domains (every answer NXDOMAIN, SPF ``none``): the "warm cache" of issue #5 (target:
 ≤ 20 % added per question). Warm means warm: the workload names ~6,800 distinct SPF
 identities (3,000 sender domains, ``lists.`` subdomains, the HELO names of null senders), more
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = args.spf and not args.spf_cold
     if args.spf or args.spf_cold:
         sys.path.insert(0, str(servers.REPO_DIR / "tests"))
-        from dns_server import DnsServer
+        from support.dns_server import DnsServer
 
         dns = DnsServer({}).start()
         spf = SPF.replace("{nameserver}", dns.address)

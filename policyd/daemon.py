@@ -18,12 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Final
 
-from . import __version__, configfile, systemd
-from .admin import Admin, AdminServer
+from . import __version__, systemd
+from .admin.server import Admin, AdminServer
 from .config import Config, ConfigError, ServerConfig, load
+from .config import files as configfile
+from .config.preflight import Problem, Refused, database_refusal, preflight
 from .dispatch import Dispatcher
 from .metrics import Metrics
-from .preflight import Problem, Refused, database_refusal, preflight
 from .server import PolicyServer
 from .sockets import SocketSetupError
 from .stores import StoreUnavailable, open_store

@@ -23,8 +23,7 @@ from .checks.greylist import Greylist, GreylistResult, Status
 from .checks.ratelimit import Decision, RateLimiter
 from .checks.spf_headers import Identity, Result
 from .config import Config
-from .decisions import DecisionLog, HashedFields
-from .lists import Whitelist
+from .decision_log import DecisionLog, HashedFields
 from .lograte import LogLimiter
 from .memo import IdentityMemo
 from .metrics import Metrics
@@ -34,7 +33,8 @@ from .stale import MICROSECONDS, Age, RateLimitedLog, classify
 from .stores import QuestionStore, StoreUnavailable
 from .stores.keys import HashedStore
 from .stores.timed import TimedStore
-from .txn import Transaction, TransactionMemory
+from .transactions import Transaction, TransactionMemory
+from .whitelist import Whitelist
 
 if TYPE_CHECKING:  # SPF needs aiodns and pyspf: imported only when [spf] is enabled
     from .checks.spf import SpfCheck, SpfOutcome
@@ -65,7 +65,7 @@ def spf_pass_domain(outcome: SpfOutcome | None) -> str:
 @dataclass(slots=True)
 class Trace:
     """What the dispatcher found for one question, filled only by a dispatcher given one
-    (``policyctl explain``, policyd/explain.py): the findings come from the one decision
+    (``policyctl explain``, policyd/admin/explain.py): the findings come from the one decision
     path instead of a second copy of it. A check it did not reach stays None (or empty)."""
 
     spf: SpfOutcome | None = None

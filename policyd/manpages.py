@@ -20,16 +20,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from . import __version__, configfile, convert
-from .config import _SECTIONS, RateRule
-from .ctl import EXIT_STATUS as CTL_EXIT_STATUS
-from .ctl import build_parser as ctl_parser
+from . import __version__
+from .config import SECTIONS, RateRule, convert
+from .config import files as configfile
+from .ctl.main import EXIT_STATUS as CTL_EXIT_STATUS
+from .ctl.main import build_parser as ctl_parser
 from .daemon import EXIT_STATUS as DAEMON_EXIT_STATUS
 from .daemon import build_parser as daemon_parser
 
 #: Units for showing a default duration, largest first (the config accepts all of them).
 _UNITS: Final = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
-_DURATIONS: Final = (convert._duration, convert._positive_duration)
+_DURATIONS: Final = (convert.duration, convert.positive_duration)
 SEE_ALSO: Final = "exim4(8), systemd.exec(5)"
 #: What each [section] is for; the keys describe themselves.
 SECTION_INTROS: Final = {
@@ -210,11 +211,11 @@ def toml_default(field: dataclasses.Field[Any]) -> str:
     conv = field.metadata["conv"]
     if field.name == "name" and value == "":
         return "(required)"
-    if conv is convert._conv_mode:
+    if conv is convert.file_mode:
         return f'"{value:04o}"'
     if conv in _DURATIONS:
         return json.dumps(duration_text(value))
-    if conv is convert._rate:
+    if conv is convert.rate:
         count, period = value
         return json.dumps(f"{count}/{duration_text(period)}")
     if isinstance(value, bool):
@@ -251,7 +252,7 @@ def config_page() -> str:
         "is the default. SIGHUP applies [greylist], [ratelimit], [spf] and the log level at "
         "once; [server], [store], [metrics] and [admin] changes need a restart."
     )
-    for name, cls in _SECTIONS.items():
+    for name, cls in SECTIONS.items():
         lines += [f'.SH "[{name}]"', text(SECTION_INTROS[name])]
         lines += key_items(cls)
         if name == "ratelimit":

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Final
 
-from .memo import IdentityMemo
+from .identity_memo import IdentityMemo
 from .model import Action, IPAddress, Query, Stage, Verdict
 
 #: Protocol version carried in ``v=``; another value is refused rather than misread.

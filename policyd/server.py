@@ -12,21 +12,21 @@ Exim writes its whole request right after connecting, so one that is still unask
 makes room for a new one instead of the newcomer being refused (docs/decisions.md).
 
 Uses the Protocol API rather than streams: per the design's measurements the streams layer
-alone costs more than the whole question.
+alone costs more than the whole question. A question's first step runs in the read callback
+(``QuestionProtocol._start``; measured in docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from .config import ServerConfig
 from .lograte import LogLimiter
@@ -76,24 +76,15 @@ class Limits:
 class QuestionProtocol(asyncio.Protocol):
     """One connection, one question, one answer."""
 
-    __slots__ = (
-        "_awaited",
-        "_buffer",
-        "_done",
-        "_server",
-        "_task",
-        "_transport",
-        "_waiting",
-    )
+    __slots__ = ("_buffer", "_done", "_rest", "_server", "_task", "_transport")
 
     def __init__(self, server: PolicyServer) -> None:
         self._server = server
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
+        #: The Task answering a question that suspended, and what it runs.
         self._task: asyncio.Task[None] | None = None
-        #: The question's coroutine while it is suspended outside any task, and its future.
-        self._waiting: Coroutine[Any, Any, bytes] | None = None
-        self._awaited: tuple[asyncio.Future[Any], Callable[..., None]] | None = None
+        self._rest: _Resumed | None = None
         self._done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,68 +145,33 @@ class QuestionProtocol(asyncio.Protocol):
             self._write_close(server.fallback("too-many-connections"))
             return
         answering = server.answerer(request)
-        if server.eager:
-            # Run the question right here, in the read callback: with the embedded store and
-            # cached DNS it completes without suspending, and the answer is written without
-            # a Task or another loop turn. If it suspends (a Redis round trip, a DNS query),
-            # it is resumed from the awaited future's done callback, again without a Task.
-            # So nothing on the question path may need asyncio.current_task() (no
-            # asyncio.timeout there: the Redis batches and DNS queries run in tasks of their
-            # own; tests cover each store and SPF).
-            self._waiting = answering
-            self._step(answering)
-            return
-        self._task = server.loop.create_task(self._answer(answering))
-
-    async def _answer(self, answering: Coroutine[Any, Any, bytes]) -> None:
-        self._write_close(await answering)
-
-    def _step(self, answering: Coroutine[Any, Any, bytes], _awaited: Any = None) -> None:
-        """Run the question's coroutine to its next suspension, as a Task step would: on a
-        future, resume when it is done; on a bare ``yield``, at the next loop turn."""
-        if self._waiting is not answering:
-            return  # answered already (deadline, shutdown): the coroutine was closed
-        self._awaited = None
+        # The question's first step runs here, in the read callback: with the embedded
+        # store and cached DNS it completes without suspending and the answer is written
+        # at once, without a Task or another loop turn. A Task per question cost 6-12 %
+        # more CPU per question and 3-7 % fewer questions/s at 16 askers (docs/decisions.md,
+        # "Questions start in the read callback"; bench/ab.py). Only the public coroutine
+        # protocol is used. The one rule it imposes: up to its first suspension, nothing on
+        # the question path may need asyncio.current_task() (no asyncio.timeout there).
         try:
             suspended_on = answering.send(None)
         except StopIteration as done:
-            self._waiting = None
             self._write_close(done.value)
             return
         except (Exception, asyncio.CancelledError):  # the dispatcher answers every error
-            self._waiting = None
-            self._server.warnings.exception(logger, "question coroutine failed; answering fallback")
-            self._write_close(self._server.fallback("internal-error"))
+            server.warnings.exception(logger, "question coroutine failed; answering fallback")
+            self._write_close(server.fallback("internal-error"))
             return
-        if suspended_on is None:
-            self._server.loop.call_soon(self._step, answering)
-            return
-        if not getattr(suspended_on, "_asyncio_future_blocking", False):
-            # Only futures may be awaited on an asyncio loop (Task raises the same way).
-            self._stop_waiting(answering)
-            self._server.warnings.error(
-                logger, "question awaited %r, not a future; answering fallback", suspended_on
-            )
-            self._write_close(self._server.fallback("internal-error"))
-            return
-        suspended_on._asyncio_future_blocking = False
-        resume = functools.partial(self._step, answering)
-        self._awaited = (suspended_on, resume)
-        suspended_on.add_done_callback(resume)
+        # Suspended (a Redis round trip, a DNS query): a Task runs the rest.
+        self._rest = _Resumed(answering, suspended_on)
+        self._task = server.loop.create_task(self._answer(self._rest))
 
-    def _stop_waiting(self, answering: Coroutine[Any, Any, bytes]) -> None:
-        """Abandon a suspended question as Task.cancel would: the future it waits on is
-        cancelled and the coroutine gets CancelledError at its await, so its cleanup runs;
-        then it is closed."""
-        self._waiting = None
-        awaited, self._awaited = self._awaited, None
-        if awaited is not None:
-            future, resume = awaited
-            future.remove_done_callback(resume)
-            future.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            answering.throw(asyncio.CancelledError())
-        answering.close()
+    async def _answer(self, rest: _Resumed) -> None:
+        try:
+            answer = await rest
+        except Exception:  # the dispatcher answers every error; a fallback if it did not
+            self._server.warnings.exception(logger, "question coroutine failed; answering fallback")
+            answer = self._server.fallback("internal-error")
+        self._write_close(answer)
 
     def on_deadline(self) -> None:
         """The server's deadline check found this connection past its deadline."""
@@ -241,11 +197,11 @@ class QuestionProtocol(asyncio.Protocol):
     def _finish_with(self, answer: bytes) -> None:
         self._done = True
         self._server.unasked.pop(self, None)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        waiting = self._waiting
-        if waiting is not None:
-            self._stop_waiting(waiting)
+        task, rest = self._task, self._rest
+        if task is not None and not task.done():
+            task.cancel()  # reaches the question at its await, as for any Task
+            if rest is not None and not rest.started:
+                rest.abandon()  # the Task has not run yet: cancel the question here
         self._write_close(answer)
 
     def _write_close(self, answer: bytes) -> None:
@@ -264,12 +220,8 @@ class PolicyServer:
         config: ServerConfig,
         answerer: Answerer,
         fallback: Fallback,
-        *,
-        eager: bool = True,
     ) -> None:
         self.config = config
-        #: Start each question in the read callback (see QuestionProtocol._start).
-        self.eager = eager
         self.limits = Limits.from_config(config)
         self.answerer = answerer
         self.fallback = fallback
@@ -425,6 +377,57 @@ class PolicyServer:
             self._deadline_timer.cancel()
             self._deadline_timer = None
         self.warnings.flush(all_windows=True)
+
+
+#: ``_Resumed`` has handed its first value to the Task.
+_TAKEN: Final = object()
+
+
+class _Resumed(Generator[Any, Any, bytes]):
+    """A question's coroutine after its first step ran in the read callback, as an
+    awaitable for the Task that runs the rest. The Task first gets what the coroutine is
+    suspended on (a future, or None for a bare yield), as if it had run that step itself,
+    and waits for it; every later send or throw goes to the coroutine, so a cancel reaches
+    the question at its await. Plain coroutine protocol (``send``/``throw``/``close``)."""
+
+    __slots__ = ("_first", "coroutine")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, bytes], first: Any) -> None:
+        self.coroutine = coroutine
+        self._first = first
+
+    @property
+    def started(self) -> bool:
+        """Has the Task taken over (received what the first step suspended on)?"""
+        return self._first is _TAKEN
+
+    def __await__(self) -> _Resumed:
+        return self
+
+    def send(self, value: Any) -> Any:
+        first = self._first
+        if first is _TAKEN:
+            return self.coroutine.send(value)
+        self._first = _TAKEN
+        return first
+
+    def throw(self, typ: Any, val: Any = None, _tb: Any = None) -> Any:
+        self._first = _TAKEN
+        return self.coroutine.throw(typ if val is None else val)
+
+    def close(self) -> None:
+        self.coroutine.close()
+
+    def abandon(self) -> None:
+        """Cancel the question before its Task ran, as ``Task.cancel`` would: the future
+        it waits on is cancelled, the coroutine gets CancelledError at its await (its
+        cleanup runs), then it is closed."""
+        first, self._first = self._first, _TAKEN
+        if asyncio.isfuture(first):
+            first.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            self.coroutine.throw(asyncio.CancelledError())
+        self.coroutine.close()
 
 
 def _due(connections: dict[QuestionProtocol, float], now: float) -> list[QuestionProtocol]:

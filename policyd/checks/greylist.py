@@ -20,8 +20,8 @@ from ..addresses import (
     normalise_sender,
 )
 from ..config import GreylistConfig
-from ..lists import KINDS, ListEntry, Whitelist
 from ..model import Action, Query, Verdict
+from ..whitelist import KINDS, ListEntry, Whitelist
 
 CHECK: Final = "greylist"
 #: RFC 3463 "4.7.1 delivery not authorized" — the de-facto greylisting enhanced code.

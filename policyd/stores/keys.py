@@ -28,8 +28,8 @@ from typing import Final
 from ..checks.greylist import KEY_SEPARATOR, Client, Step, Timing, Triplet
 from ..checks.ratelimit import Charge, Decision
 from ..config import StoreConfig
-from ..lists import ListEntry
-from . import AdminStore, Store
+from ..whitelist import ListEntry
+from .base import AdminStore, Store
 
 #: Marks a hashed segment; cannot start a network, and senders/recipients contain an '@'.
 HASH_MARK: Final = "~"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..checks.greylist import Client, Step, Timing, Triplet, step
 from ..checks.ratelimit import Charge, Decision, decide_all
-from . import AdminStore
+from .base import AdminStore
 
 
 @dataclass(frozen=True, slots=True)

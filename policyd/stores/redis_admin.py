@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..checks.greylist import Client, Timing, Triplet
-from ..lists import ListEntry
+from ..whitelist import ListEntry
 from .redis_scripts import GREYLIST_PASS, KeyLayout, Script
 from .sqlite_admin import MAX_SCAN
 

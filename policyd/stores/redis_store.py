@@ -11,8 +11,9 @@ pipeline (like the embedded store's group commit), after gathering while more ke
 batches grow instead of round trips multiplying. That is what the daemon's CPU, not Redis,
 limits: at 16 concurrent askers one pipeline in flight gave ~30% more questions/s than four
 (docs/redis.md). The queue is bounded by the questions the server admits (``[server]
-max_connections``). The batch connection is a ``_Wire``: redis-py connects it, then the
-store writes pipelines and parses replies itself, without a Task or stream per batch.
+max_connections``). Pipelines to a single node (or Sentinel's master) go over the store's own
+connection (``redis_wire``), driven by callbacks, without a Task or stream per batch; Cluster
+pipelines through redis-py's cluster client, which routes each call to its slot's master.
 
 Failure: every round trip has a budget (``[store] timeout``; when it runs out, the connection
 is dropped with it, so a late reply is never taken for another's); connection refused, timeouts,
@@ -26,16 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import ssl
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, Final, TypeVar
 
-import hiredis
-from redis._parsers.base import BaseParser
 from redis.exceptions import (
     AskError,
     ClusterDownError,
-    InvalidResponse,
     MasterDownError,
     MovedError,
     NoScriptError,
@@ -51,12 +49,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..checks.greylist import Step, Timing, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
-from ..memo import IdentityMemo
-from . import StoreUnavailable
+from ..identity_memo import IdentityMemo
+from .base import StoreUnavailable
 from .breaker import CircuitBreaker
 from .redis_admin import RedisAdmin, client_of, triplet_of
 from .redis_scripts import GREYLIST_STEP, RATELIMIT_STEP, SCRIPTS, KeyLayout, Script
 from .redis_url import RedisTarget, build_client, mask_url, parse_url
+from .redis_wire import RedisWire, open_wire, pack, tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -145,65 +144,9 @@ class _Batch:
         #: For a re-send by script body after NOSCRIPT: the batch and the indices it fills.
         self.origin = origin
         self.by_body = origin is not None
+        #: One per call, in order, once all are in.
         self.replies: list[Any] = []
         self.timer: asyncio.TimerHandle | None = None
-
-
-#: hiredis' "no complete reply buffered yet" (a reply may be False in RESP3, or None).
-_MORE: Final = object()
-
-
-class _Wire(asyncio.Protocol):
-    """One Redis connection driven by callbacks: a batch goes out in one
-    ``transport.write``; ``data_received`` parses replies with hiredis and hands them, in
-    order, to the batches on the wire. No Task, stream or await per batch or reply.
-
-    redis-py makes the connection (AUTH, HELLO, SELECT, TLS; Sentinel asks where the
-    master is); then the transport is handed to this protocol and redis-py never reads it
-    again."""
-
-    def __init__(self, store: RedisStore, conn: Any, transport: asyncio.Transport) -> None:
-        self.store = store
-        self.conn = conn
-        self.transport = transport
-        self.reader = hiredis.Reader(
-            protocolError=InvalidResponse,
-            replyError=BaseParser.parse_error,
-            notEnoughData=_MORE,
-        )
-        self.batches: deque[_Batch] = deque()
-        #: False once dropped: no new batch is written to it.
-        self.usable = True
-
-    def send(self, batch: _Batch, data: bytes) -> None:
-        self.batches.append(batch)
-        self.transport.write(data)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.usable:
-            return
-        reader = self.reader
-        reader.feed(data)
-        batches = self.batches
-        try:
-            while (reply := reader.gets()) is not _MORE:
-                if not batches:
-                    raise InvalidResponse(f"reply with no command waiting: {reply!r:.80}")
-                batch = batches[0]
-                batch.replies.append(reply)
-                if len(batch.replies) == len(batch.calls):
-                    batches.popleft()
-                    self.store._replied(self, batch)
-                    if not self.usable:  # dropped on that batch's replies
-                        return
-        except InvalidResponse as exc:
-            self.store._drop(self, exc)
-
-    def eof_received(self) -> bool:
-        return False  # Redis closed its side: close ours (connection_lost follows)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.store._drop(self, exc or RedisConnectionError("connection closed by redis"))
 
 
 def _timing_arguments(timing: Timing) -> tuple[tuple[str, ...], bytes]:
@@ -233,19 +176,6 @@ def greylist_resp(keys: Sequence[bytes], now: str, timing_resp: bytes, force: st
         timing_resp,
         force.encode(),
     )
-
-
-def pack(commands: Sequence[tuple[str | bytes, ...]]) -> bytes:
-    """Commands in RESP (``*N``, then ``$LEN`` and the bytes of each argument), all in one
-    buffer for one write. Our arguments are only ``str`` (UTF-8) and ``bytes``; redis-py's
-    general ``pack_commands`` costs about twice as much per batch."""
-    out: list[bytes] = []
-    for command in commands:
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            data = arg.encode() if isinstance(arg, str) else arg
-            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 #: The start of every GREYLIST_STEP call: 11 parts, EVALSHA, the SHA, two keys.
@@ -284,7 +214,8 @@ class RedisStore:
         self._gathered = 0  # queue length at the last look while gathering
         self._in_flight = 0
         self._sending = 0
-        self._wire: _Wire | None = None  # the connection batches go out on (not for Cluster)
+        self._wire: RedisWire | None = None  # the connection batches go out on (not Cluster)
+        self._tls: ssl.SSLContext | None = None  # for rediss://, built at the first connect
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.admin = RedisAdmin(self)
@@ -324,7 +255,6 @@ class RedisStore:
             task.cancel()
         if self._wire is not None:
             self._drop(self._wire, None)
-        # The cancelled ones, and the dropped connection's disconnect.
         while unfinished := [task for task in self._tasks if not task.done()]:
             await asyncio.gather(*unfinished, return_exceptions=True)
         self._fail(self._pending, "redis store closed")
@@ -445,7 +375,7 @@ class RedisStore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _write(self, wire: _Wire, batch: _Batch) -> None:
+    def _write(self, wire: RedisWire, batch: _Batch) -> None:
         assert self._loop is not None
         batch.timer = self._loop.call_at(batch.deadline, self._expired, wire)
         if batch.by_body:
@@ -453,17 +383,18 @@ class RedisStore:
         else:
             data = b"".join([call.resp for call in batch.calls])
         try:
-            wire.send(batch, data)
+            wire.send(batch, data, len(batch.calls))
         except Exception as exc:  # the transport closed under us (connection_lost pending)
             self._drop(wire, RedisConnectionError(f"write failed: {exc}"))
 
-    def _expired(self, wire: _Wire) -> None:
+    def _expired(self, wire: RedisWire) -> None:
         """The oldest batch on the wire ran out of time. The connection goes with it: a
         late reply must never be taken for a later batch's."""
         self._drop(wire, RedisTimeoutError(f"no reply within {self.timeout:g}s"))
 
-    def _replied(self, wire: _Wire, batch: _Batch) -> None:
-        """Every reply of a batch is in (called from ``_Wire.data_received``)."""
+    def _replied(self, wire: RedisWire, batch: _Batch, replies: list[Any]) -> None:
+        """Every reply of a batch is in (called from ``RedisWire.data_received``)."""
+        batch.replies = replies
         if batch.timer is not None:
             batch.timer.cancel()
         origin = batch.origin
@@ -483,18 +414,13 @@ class RedisStore:
             self._drop(wire, None)
         self._done(batch)
 
-    def _drop(self, wire: _Wire, cause: BaseException | None) -> None:
+    def _drop(self, wire: RedisWire, cause: BaseException | None) -> None:
         """Close a connection; fail the batches still on it (a breaker failure each when
-        ``cause`` says why; ``None`` is a deliberate close)."""
+        ``cause`` says why; ``None`` is a deliberate close). Also the wire's ``on_lost``."""
         if self._wire is wire:
             self._wire = None
-        if wire.usable:
-            wire.usable = False
-            wire.transport.abort()
-            self._spawn(wire.conn.disconnect(nowait=True))  # redis-py's side of it
-        batches = list(wire.batches)
-        wire.batches.clear()
-        for sent in batches:
+        wire.close()
+        for sent in wire.tokens():
             if sent.timer is not None:
                 sent.timer.cancel()
             batch = sent if sent.origin is None else sent.origin[0]
@@ -527,28 +453,23 @@ class RedisStore:
             return
         self._write(wire, batch)
 
-    async def _connect(self) -> _Wire:
-        """A new connection for batches. redis-py makes it without its per-call socket
-        timeout (the batch's budget bounds the handshake; connecting keeps its own
-        ``socket_connect_timeout``), then ``_Wire`` drives it."""
-        conn = self.client.connection_pool.make_connection()
-        conn.socket_timeout = None
-        try:
-            await conn.connect()  # Sentinel's connection asks the sentinels where to go
-            # redis-py's stream writer (redis-py 5 to 8), now past the handshake.
-            writer = getattr(conn, "_writer", None)
-            if writer is None:
-                raise StoreUnavailable("this redis-py's connection has no stream to take over")
-            transport = writer.transport
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
+    async def _connect(self) -> RedisWire:
+        """A new connection for batches, to the one server, or to the master the sentinels
+        name now (redis-py's Sentinel client asks them). The batch's budget bounds it all."""
+        target = self.target
+        address: str | tuple[str, int]
+        if target.mode == "sentinel":
+            host, port = await self.client.connection_pool.get_master_address()
+            address = (host, int(port))
+        else:
+            address = target.unix_path or target.hosts[0]
+        if target.tls and self._tls is None:
+            self._tls = tls_context(self.config)
+        wire = await open_wire(target, address, self._tls, self._replied, self._drop)
         current = self._wire
         if current is not None and current.usable:  # another batch connected meanwhile
-            await conn.disconnect(nowait=True)
+            wire.close()
             return current
-        wire = _Wire(self, conn, transport)
-        transport.set_protocol(wire)
         self._wire = wire
         return wire
 
@@ -616,7 +537,12 @@ class RedisStore:
 
     async def _guard(self, operation: Awaitable[_T], budget: float | None = None) -> _T:
         """An admin operation under the breaker and a time budget, errors as
-        StoreUnavailable (never on the question path)."""
+        StoreUnavailable (never on the question path).
+
+        Its outages count as failures, but its successes do not close the circuit nor reset
+        the failure count: admin reads (the whitelist version polled every 0.25 s) succeed
+        while writes are refused (``CLIENT PAUSE … WRITE``, a read-only replica), and only
+        the questions' scripts, which all write, tell whether the question path works."""
         if self.client is None or not self.breaker.allow():
             if asyncio.iscoroutine(operation):
                 operation.close()
@@ -631,9 +557,9 @@ class RedisStore:
             if is_outage(exc):
                 self.breaker.failure(_describe(exc))
             else:
-                self.breaker.success()
+                self.breaker.abandon()
             raise StoreUnavailable(f"redis: {_describe(exc)}") from exc
-        self.breaker.success()
+        self.breaker.abandon()  # no verdict on the question path (see above)
         return result
 
 

@@ -92,10 +92,7 @@ def parse_url(url: str) -> RedisTarget:
     if not sep or scheme not in SCHEMES:
         raise RedisURLError(f"scheme must be one of {', '.join(SCHEMES)}")
     rest, _, query_text = rest.partition("?")
-    query = {k: v[-1] for k, v in parse_qs(query_text, keep_blank_values=True).items()}
-    unknown = set(query) - QUERY_KEYS
-    if unknown:
-        raise RedisURLError(f"unknown URL parameter(s) {', '.join(sorted(unknown))}")
+    query = _query(query_text)
     userinfo, at, location = rest.rpartition("@")
     user, colon, password = userinfo.partition(":")
     creds: dict[str, Any] = {
@@ -115,11 +112,34 @@ def parse_url(url: str) -> RedisTarget:
     segments = [s for s in path.split("/") if s]
     tls = scheme.startswith("rediss")
     if scheme.endswith("+sentinel"):
-        if not segments or len(segments) > 2:
-            raise RedisURLError("Sentinel URL needs /service_name[/db]")
-        db = _db(segments[1]) if len(segments) == 2 else db
-        hosts = _hosts(netloc, DEFAULT_SENTINEL_PORT)
-        return RedisTarget("sentinel", tls, hosts, db=db, service=segments[0], **creds)
+        return _sentinel(netloc, segments, tls, db, creds)
+    return _direct(scheme, netloc, segments, tls=tls, db=db, creds=creds)
+
+
+def _query(text: str) -> dict[str, str]:
+    """The URL's parameters (the last of repeated ones); unknown ones are an error."""
+    query = {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
+    unknown = set(query) - QUERY_KEYS
+    if unknown:
+        raise RedisURLError(f"unknown URL parameter(s) {', '.join(sorted(unknown))}")
+    return query
+
+
+def _sentinel(
+    netloc: str, segments: list[str], tls: bool, db: int, creds: dict[str, Any]
+) -> RedisTarget:
+    """``redis+sentinel://h1:p1,h2:p2/service[/db]``."""
+    if not segments or len(segments) > 2:
+        raise RedisURLError("Sentinel URL needs /service_name[/db]")
+    db = _db(segments[1]) if len(segments) == 2 else db
+    hosts = _hosts(netloc, DEFAULT_SENTINEL_PORT)
+    return RedisTarget("sentinel", tls, hosts, db=db, service=segments[0], **creds)
+
+
+def _direct(
+    scheme: str, netloc: str, segments: list[str], *, tls: bool, db: int, creds: dict[str, Any]
+) -> RedisTarget:
+    """One server (``redis://host[:port][/db]``) or a Cluster's seed nodes."""
     if len(segments) > 1:
         raise RedisURLError("path must be /db")
     db = _db(segments[0]) if segments else db

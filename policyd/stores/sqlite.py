@@ -42,7 +42,7 @@ from typing import Final, TypeVar
 from ..checks.greylist import Client, Step, Timing, Triplet, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
-from . import StoreUnavailable
+from .base import StoreUnavailable
 from .sqlite_admin import SQLiteAdmin
 
 logger = logging.getLogger(__name__)

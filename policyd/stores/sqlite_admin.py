@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ..checks.greylist import Client, Timing, Triplet
-from ..lists import ListEntry
+from ..whitelist import ListEntry
 
 if TYPE_CHECKING:
     from .sqlite import SQLiteStore

@@ -8,7 +8,7 @@ from time import perf_counter
 from ..checks.greylist import Step, Timing
 from ..checks.ratelimit import Charge, Decision
 from ..metrics import Metrics
-from . import QuestionStore
+from .base import QuestionStore
 
 
 class TimedStore:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis_server import RedisServer  # tests/redis_server.py
+from support.redis_server import RedisServer  # tests/support/redis_server.py
 
 from policyd.config import StoreConfig
 from policyd.stores import Store, open_store

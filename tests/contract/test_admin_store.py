@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from policyd.checks.greylist import Status, Timing
 from policyd.checks.ratelimit import Charge, Limit
-from policyd.lists import ListEntry
 from policyd.stores import Store
+from policyd.whitelist import ListEntry
 
 from .conftest import StoreFactory
 

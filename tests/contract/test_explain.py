@@ -1,7 +1,7 @@
 """``explain`` equals the decision (issue 19): for a table of questions, explain first, then
 the real question through ``Dispatcher.answer``; both must give the same action, reason and
 answer, and explain must change nothing in the store. On every store backend, with SPF over
-the loopback DNS server (tests/dns_server.py) and the runtime whitelist edited through the
+the loopback DNS server (tests/support/dns_server.py) and the runtime whitelist edited through the
 admin interface."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from dns_server import DnsServer, running  # tests/dns_server.py
+from support.dns_server import DnsServer, running  # tests/support/dns_server.py
 
-from policyd.admin import Admin
+from policyd.admin.explain import explain
+from policyd.admin.server import Admin
 from policyd.config import Config, from_mapping
 from policyd.dispatch import Dispatcher
-from policyd.explain import explain
 from policyd.model import Query, Stage
 from policyd.protocol import normalise_ip
 from policyd.stores import Store

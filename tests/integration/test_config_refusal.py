@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import START_TIMEOUT, DaemonFactory, DaemonProcess, ask_blocking
+from support.exim_client import ask_blocking
+from support.policyd_process import START_TIMEOUT, DaemonFactory, DaemonProcess
 from test_daemon import GREYLISTED, POLICY, rcpt
 
 from policyd.config import from_mapping
+from policyd.config.preflight import SUN_PATH_MAX, Refused
 from policyd.daemon import EXIT_REFUSED, Daemon
-from policyd.preflight import SUN_PATH_MAX, Refused
 from policyd.stores.sqlite import connect
 
 REFUSED = "policyd: invalid configuration: "

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonFactory, Question, ask, ask_blocking, to_toml, wait_until
+from support.exim_client import Question, ask, ask_blocking
+from support.policyd_process import DaemonFactory, to_toml, wait_until
 
 from policyd.checks.greylist import DEFER_CODE, DEFER_ECODE, Status
-from policyd.ctl import main as main_ctl
+from policyd.ctl.main import main as main_ctl
 from policyd.daemon import main
 
 DELAY = 1.0

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import START_TIMEOUT, DaemonProcess
+from support.policyd_process import START_TIMEOUT, DaemonProcess
 from test_policyctl import GREYLISTED, POLICY, ask, ctl, ok_ctl, rcpt, start
 
-from policyd import configfile
-from policyd.ctl import EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
+from policyd.config import files as configfile
+from policyd.ctl.main import EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
 from policyd.sockets import SOCKET_DIR_MODE
 
 
@@ -47,7 +47,7 @@ class ImplicitDaemon(DaemonProcess):
             else ""
         )
         code = (
-            "import sys; from pathlib import Path; from policyd import configfile; "
+            "import sys; from pathlib import Path; from policyd.config import files as configfile; "
             f"{redirect}from policyd.daemon import main; sys.exit(main(sys.argv[1:]))"
         )
         return [*self.wrapper, sys.executable, "-c", code, *args]

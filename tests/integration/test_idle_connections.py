@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 import pytest
-from conftest import ANSWER_TIMEOUT, DaemonFactory, Question, ask
+from support.exim_client import Question, ask
+from support.policyd_process import ANSWER_TIMEOUT, DaemonFactory
 
 from policyd.config import ServerConfig
 from policyd.server import HARD_CONNECTION_FACTOR

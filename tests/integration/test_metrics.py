@@ -12,7 +12,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import DaemonFactory, DaemonProcess, ask_blocking, wait_until
+from support.exim_client import ask_blocking
+from support.policyd_process import DaemonFactory, DaemonProcess, wait_until
 
 from policyd.checks.greylist import DEFER_CODE, DEFER_ECODE
 

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, DaemonFactory, DaemonProcess, ask_blocking
+from support.exim_client import ask_blocking
+from support.policyd_process import REPO, DaemonFactory, DaemonProcess
 
 from policyd.checks.greylist import DEFER_CODE, DEFER_ECODE
-from policyd.ctl import (
+from policyd.ctl.importers import parse
+from policyd.ctl.main import (
     EXIT_DAEMON_ERROR,
     EXIT_NOT_RUNNING,
     EXIT_OK,
@@ -33,7 +35,6 @@ from policyd.ctl import (
     EXIT_USAGE,
     main,
 )
-from policyd.importers import parse
 
 GREYLISTED = f"defer {DEFER_CODE} {DEFER_ECODE} ".encode()
 #: Greylisting with a 2 s delay; nothing whitelisted but loopback.
@@ -534,7 +535,7 @@ def test_a_user_without_access_gets_a_permission_error(
     as_nobody = (
         sys.executable,
         "-c",
-        "import locale, os, sys; from policyd.ctl import build_parser, main; build_parser(); "
+        "import locale, os, sys; from policyd.ctl.main import build_parser, main; build_parser(); "
         f"os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid}); "
         "sys.exit(main(sys.argv[1:]))",
     )

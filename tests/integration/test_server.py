@@ -14,16 +14,15 @@ from typing import Any
 
 import pytest
 from conftest import (
-    ANSWER_TIMEOUT,
     GOLDEN_CONFIG,
     GOLDEN_ROWS,
     WELL_FORMED,
     GoldenRow,
-    Question,
     ServerFactory,
-    ask,
     running_server,
 )
+from support.exim_client import Question, ask
+from support.policyd_process import ANSWER_TIMEOUT
 
 from policyd.dispatch import FALLBACK_DEFER
 from policyd.protocol import format_answer
@@ -401,9 +400,9 @@ async def test_connect_and_close_probe_gets_no_answer_and_no_warning(
 async def test_eager_answering_survives_a_check_that_suspends(
     tmp_path: Path, failing: bool
 ) -> None:
-    """In eager mode the question runs inside the read callback; a check that suspends after
-    all (a DNS wait, say) is resumed when what it awaits is done, and a failure inside it
-    still reaches the coroutine, which answers."""
+    """The question's first step runs inside the read callback; a check that suspends after
+    all (a bare yield, then a DNS wait, say) is resumed by a Task when what it awaits is
+    done, and a failure inside it still reaches the coroutine, which answers."""
     from policyd.config import from_mapping
     from policyd.server import PolicyServer
 
@@ -421,9 +420,7 @@ async def test_eager_answering_survives_a_check_that_suspends(
         return b"ok " + await waiter
 
     config = from_mapping({"server": {"socket": str(tmp_path / "eager.sock")}}).server
-    server = PolicyServer(
-        config, answerer, lambda cause: b"ok fallback " + cause.encode(), eager=lambda: True
-    )
+    server = PolicyServer(config, answerer, lambda cause: b"ok fallback " + cause.encode())
     await server.start()
     try:
         expected = b"ok fallback internal-error" if failing else b"ok late"
@@ -464,5 +461,56 @@ async def test_deadline_cancels_a_suspended_question_like_a_task(tmp_path: Path)
         assert 0.15 < waited < 1.0
         assert seen == ["cancelled"]
         assert awaited[0].cancelled()
+    finally:
+        await server.stop(drain_timeout=1.0)
+
+
+async def test_a_question_cut_before_its_task_ran_is_cancelled_at_its_await() -> None:
+    """The deadline (or shutdown) can come between a question's first step in the read
+    callback and its Task's first step: the question is then cancelled there, as the Task
+    would have done — the future it waits on cancelled, CancelledError at its await."""
+    from policyd.server import _Resumed
+
+    seen: list[str] = []
+    never = asyncio.get_running_loop().create_future()
+
+    async def question() -> bytes:
+        try:
+            return await never
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        finally:
+            seen.append("cleanup")
+
+    answering = question()
+    rest = _Resumed(answering, answering.send(None))
+    assert not rest.started
+    rest.abandon()
+    assert never.cancelled()
+    assert seen == ["cancelled", "cleanup"]
+    assert rest.started  # nothing left for a Task to take over
+
+
+async def test_a_question_failing_after_it_suspended_gets_the_fallback(tmp_path: Path) -> None:
+    """The dispatcher answers its own errors; should one escape after the question
+    suspended (in its Task), the client still gets the fallback at once, not a hang."""
+    from policyd.config import from_mapping
+    from policyd.server import PolicyServer
+
+    async def answerer(request: bytes) -> bytes:
+        waiter = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(waiter.set_result, None)
+        await waiter
+        raise RuntimeError("a bug")
+
+    config = from_mapping({"server": {"socket": str(tmp_path / "bug.sock")}}).server
+    server = PolicyServer(config, answerer, lambda cause: b"ok fallback " + cause.encode())
+    await server.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        answer = await ask(str(tmp_path / "bug.sock"), b"rcpt ip=192.0.2.1\n")
+        assert answer == b"ok fallback internal-error"
+        assert asyncio.get_running_loop().time() - started < 0.5  # not the 1 s deadline
     finally:
         await server.stop(drain_timeout=1.0)

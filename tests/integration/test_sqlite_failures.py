@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from policyd.checks.greylist import Status, Timing
-from policyd.lists import ListEntry
 from policyd.stores import StoreUnavailable
 from policyd.stores.sqlite import FAILED_RETRY_INTERVAL, SQLiteStore
+from policyd.whitelist import ListEntry
 
 T = Timing(delay=1, retry_window=1000, max_age=5000, auto_whitelist_after=0)
 TMPFS_SIZE = "4m"

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import ANSWER_TIMEOUT, DaemonFactory, ask_blocking
+from support.exim_client import ask_blocking
+from support.policyd_process import ANSWER_TIMEOUT, DaemonFactory
 from test_metrics import metrics_port, moved, scrape, value
 
 from policyd.checks.greylist import DEFER_CODE, DEFER_ECODE

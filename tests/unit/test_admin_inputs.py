@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from policyd import configfile
 from policyd.addresses import AddressPatterns
-from policyd.ctl_commands import HASHED_NOTE, SENDER_NOTE, key_notes
-from policyd.importers import parse
-from policyd.lists import MAX_CLIENT_PREFIX, ListError, normalise_entry
+from policyd.config import files as configfile
+from policyd.ctl.commands import HASHED_NOTE, SENDER_NOTE, key_notes
+from policyd.ctl.importers import parse
+from policyd.whitelist import MAX_CLIENT_PREFIX, ListError, normalise_entry
 
 
 def test_config_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

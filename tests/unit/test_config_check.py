@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from policyd.config import Config, ConfigError, RateRule, from_mapping
-from policyd.convert import MAX_DURATION, MAX_PORT
-from policyd.preflight import (
+from policyd.config.convert import MAX_DURATION, MAX_PORT
+from policyd.config.preflight import (
     FRAGMENT_RCPT_REQUEST_BYTES,
     database_refusal,
     preflight,

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from policyd.addresses import normalise_recipient, normalise_sender
-from policyd.decisions import LOG_ALL, LOG_CHANGES, LOG_NONE, DecisionLog, HashedFields
+from policyd.decision_log import LOG_ALL, LOG_CHANGES, LOG_NONE, DecisionLog, HashedFields
 from policyd.model import Action, Query, Stage, Verdict
 from policyd.stores.keys import KeyHasher
 

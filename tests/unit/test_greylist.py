@@ -19,8 +19,8 @@ from policyd.checks.greylist import (
     step,
 )
 from policyd.config import GreylistConfig
-from policyd.lists import ListEntry, Whitelist
 from policyd.model import Action, Query, Stage
+from policyd.whitelist import ListEntry, Whitelist
 
 T = Timing(delay=300, retry_window=2 * 86400, max_age=35 * 86400, auto_whitelist_after=3)
 T0 = 1_700_000_000.0

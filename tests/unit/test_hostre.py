@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from policyd.ctl import EXIT_USAGE, main
-from policyd.hostre import MAX_REPEAT, HostPatterns, PatternError, check_host_pattern
-from policyd.lists import ListEntry, ListError, Whitelist, normalise_entry
+from policyd.ctl.main import EXIT_USAGE, main
+from policyd.host_patterns import MAX_REPEAT, HostPatterns, PatternError, check_host_pattern
 from policyd.model import Query, Stage
+from policyd.whitelist import ListEntry, ListError, Whitelist, normalise_entry
 
 #: Patterns as operators and postgrey's whitelist write them, and the classic catastrophic
 #: ones, which match in linear time here.

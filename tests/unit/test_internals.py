@@ -16,52 +16,56 @@ import sys
 import pytest
 
 
-def test_asyncio_future_blocking_flag() -> None:
-    """policyd/server.py steps question coroutines itself: it reads and clears
-    ``Future._asyncio_future_blocking`` as asyncio's Task does."""
-    loop = asyncio.new_event_loop()
-    try:
-        future = loop.create_future()
-        assert hasattr(future, "_asyncio_future_blocking"), (
-            "asyncio Future._asyncio_future_blocking"
-        )
-        assert future._asyncio_future_blocking is False
-        awaiting = future.__await__()
-        assert next(awaiting) is future  # a suspended await yields the future itself
-        assert future._asyncio_future_blocking is True, "set while an await is suspended on it"
-    finally:
-        loop.close()
+def test_task_takes_over_a_coroutine_stepped_by_hand() -> None:
+    """policyd/server.py runs a question's first step in the read callback
+    (``coroutine.send(None)``) and, when it suspended, hands the rest to a Task through
+    ``_Resumed``, whose first yield is the future the coroutine suspended on. That relies on
+    asyncio's Task waiting on a future yielded to it that ``Future.__await__`` marked as
+    awaited (no policyd code reads or writes that mark), and on bare yields as usual."""
+    from policyd.server import _Resumed
 
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[bytes] = loop.create_future()
 
-def test_redis_base_parser_parse_error() -> None:
-    """policyd/stores/redis_store.py parses replies with hiredis.Reader and builds errors with
-    redis-py's private ``redis._parsers.base.BaseParser.parse_error``."""
-    base = importlib.import_module("redis._parsers.base")
-    parse_error = base.BaseParser.parse_error
-    exceptions = importlib.import_module("redis.exceptions")
-    assert isinstance(parse_error("NOSCRIPT No matching script"), exceptions.NoScriptError)
-    assert isinstance(parse_error("ERR something"), exceptions.ResponseError)
+        async def question() -> bytes:
+            part = await first
+            await asyncio.sleep(0)  # a bare yield, handled by the Task
+            return part + b" answered"
 
+        answering = question()
+        rest = _Resumed(answering, answering.send(None))
 
-def test_redis_connection_stream_writer() -> None:
-    """policyd/stores/redis_store.py takes over a connected ``redis.asyncio.Connection``'s
-    private ``_writer`` (an asyncio StreamWriter) to drive the socket itself."""
-    connection = importlib.import_module("redis.asyncio.connection")
-    conn = connection.Connection()
-    assert hasattr(conn, "_writer"), "redis.asyncio.Connection._writer"
-    assert conn._writer is None  # set to a StreamWriter by connect()
+        async def run() -> bytes:
+            return await rest
+
+        task = loop.create_task(run())
+        await asyncio.sleep(0)
+        assert rest.started and not task.done(), "the Task waits on the re-yielded future"
+        first.set_result(b"ok")
+        assert await asyncio.wait_for(task, 1.0) == b"ok answered"
+
+    asyncio.run(scenario())
 
 
 def test_hiredis_reader_options() -> None:
-    """policyd/stores/redis_store.py: hiredis.Reader with ``replyError`` and ``notEnoughData``
-    (public API of hiredis, checked with the parser it is given)."""
+    """policyd/stores/redis_wire.py parses replies with hiredis' public ``Reader``, given a
+    function (not a class) as ``replyError`` and a sentinel as ``notEnoughData``: both
+    documented options, checked here because the store's wire stands on them."""
     hiredis = importlib.import_module("hiredis")
     sentinel = object()
-    reader = hiredis.Reader(replyError=ValueError, notEnoughData=sentinel)
+
+    def as_error(text: str) -> Exception:  # a function, as policyd's error_reply is
+        return KeyError(text)
+
+    reader = hiredis.Reader(replyError=as_error, notEnoughData=sentinel)
     assert reader.gets() is sentinel
-    reader.feed(b"-ERR x\r\n:1\r\n")
-    assert isinstance(reader.gets(), ValueError)
+    reader.feed(b"-ERR x\r\n:1\r\n$-1\r\n")
+    error = reader.gets()
+    assert isinstance(error, KeyError) and error.args == ("ERR x",)
     assert reader.gets() == 1
+    assert reader.gets() is None  # a nil reply, told from "not enough data"
+    assert reader.gets() is sentinel
 
 
 def test_pycares_cffi_layer() -> None:
@@ -129,7 +133,7 @@ def test_pyspf_query_methods_overridden() -> None:
 
 
 def test_re_parser_parse_tree() -> None:
-    """policyd/hostre.py compiles whitelist host patterns from the parse tree of the private
+    """policyd/host_patterns.py compiles whitelist host patterns from the parse tree of the private
     ``re._parser.parse`` (opcodes from ``re._constants``) into a linear-time automaton."""
     parser = importlib.import_module("re._parser")
     constants = importlib.import_module("re._constants")

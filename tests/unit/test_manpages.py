@@ -16,8 +16,8 @@ import pytest
 
 from policyd import config as cfg
 from policyd import manpages
-from policyd.convert import _conv_int, opt
-from policyd.ctl import build_parser as ctl_parser
+from policyd.config.convert import integer, opt
+from policyd.ctl.main import build_parser as ctl_parser
 from policyd.daemon import build_parser as daemon_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def test_every_option_and_command_has_a_description(
 
 
 def test_every_config_key_has_a_description() -> None:
-    sections = [*cfg._SECTIONS.values(), cfg.RateRule]
+    sections = [*cfg.SECTIONS.values(), cfg.RateRule]
     missing = [
         f"{section.__name__}.{field.name}"
         for section in sections
@@ -71,15 +71,15 @@ def test_every_config_key_has_a_description() -> None:
 def test_a_key_without_a_description_is_caught() -> None:
     @dataclasses.dataclass(frozen=True)
     class Section:
-        described: int = opt(1, _conv_int, "a text")
-        bare: int = opt(2, _conv_int)
+        described: int = opt(1, integer, "a text")
+        bare: int = opt(2, integer)
 
     assert [f.name for f in dataclasses.fields(Section) if not f.metadata["doc"]] == ["bare"]
 
 
 def test_pages_name_what_they_document() -> None:
     toml = manpages.config_page()
-    for section, cls in cfg._SECTIONS.items():
+    for section, cls in cfg.SECTIONS.items():
         assert f'.SH "[{section}]"' in toml
         for field in dataclasses.fields(cls):
             assert f"\\fB{manpages.text(field.name)}\\fR = " in toml

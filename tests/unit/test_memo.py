@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policyd.memo import IdentityMemo
+from policyd.identity_memo import IdentityMemo
 
 
 class Thing:

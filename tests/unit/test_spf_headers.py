@@ -1,5 +1,5 @@
 """The SPF header text against strict readings of its grammar: ``Received-SPF`` (RFC 7208
-§9.1, tests/header_grammar.py) and ``Authentication-Results`` (RFC 8601, the same module as
+§9.1, tests/support/header_grammar.py) and ``Authentication-Results`` (RFC 8601, the same module as
 the judge and the ``authres`` package as a second reader), for IPv4 and IPv6 clients, the
 HELO identity and hostile senders, and every line at most 78 characters where a fold is
 possible (RFC 5322 §2.1.1, the tab counted)."""
@@ -30,7 +30,7 @@ from policyd.protocol import header_lines
 # tests/ holds the grammar module shared by test packages (it is not a test file).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from header_grammar import (
+from support.header_grammar import (
     GrammarError,
     parse_authentication_results,
     parse_received_spf,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from policyd import exim_hook
-from policyd.ctl import main
+from policyd.ctl import exim as exim_hook
+from policyd.ctl.main import main
 
 from .conftest import SNIPPETS_DIR, Lab
 

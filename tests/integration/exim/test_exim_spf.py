@@ -1,5 +1,5 @@
 """SPF through real Exim 4.96 and a real policyd whose ``[spf]`` resolver asks a loopback DNS
-server (tests/dns_server.py) serving this module's zones.
+server (tests/support/dns_server.py) serving this module's zones.
 
 - fail → the RCPT gets ``550 5.7.23``;
 - pass → greylisted once, then accepted, and the DATA-stage ``Received-SPF`` and
@@ -36,7 +36,7 @@ from .conftest import NO_ANSWER_LOG, BhResult, Exim, Lab, Mta, Policyd, sleep_un
 # tests/ holds the DNS server module shared by test packages (it is not a test file).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dns_server import DnsServer
+from support.dns_server import DnsServer
 
 from policyd.dns import FAILURE_TTL
 

@@ -1,5 +1,5 @@
 """The Redis store against real Redis processes: single servers, replicas with a sentinel,
-and a three-master cluster, all private to the test (``tests/redis_server.py``).
+and a three-master cluster, all private to the test (``tests/support/redis_server.py``).
 
 This directory is a package named ``redis_store``, not ``redis``: pytest would import a
 ``redis`` test package in place of redis-py, and a conftest outside a package would evict
@@ -10,13 +10,8 @@ Needs ``redis-server`` and ``redis-cli``; without them every test here FAILS say
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import signal
-import socket
 import sys
-import time
 from base64 import b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +23,8 @@ import pytest
 # tests/ holds the Redis process helper shared with the contract suite.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from redis_server import (
+from support.policyd_process import wait_until
+from support.redis_server import (
     RedisServer,
     TLSFiles,
     create_cluster,
@@ -78,9 +74,10 @@ class RedisLab:
         replica = self.server(
             name, tcp=True, options=("--replicaof", "127.0.0.1", str(master.port)), tls=tls
         )
-        wait_for(
+        wait_until(
             lambda: info(replica, "replication").get("master_link_status") == "up",
             "replica in sync",
+            timeout=10.0,
         )
         return replica
 
@@ -176,15 +173,6 @@ def info(server: RedisServer, section: str) -> dict[str, Any]:
         return dict(client.info(section))
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll another process's state (nothing to wait on but time)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} within {timeout}s")
-        time.sleep(0.02)
-
-
 # --- talking to a daemon --------------------------------------------------------------------
 
 
@@ -200,58 +188,9 @@ def rcpt(ip: str, recipient: str, sender: str = "alice@example.net") -> bytes:
     ).encode()
 
 
-async def ask(path: str, request: bytes) -> bytes:
-    """One question as Exim asks it: connect, write, half-close, read until the close."""
-    async with asyncio.timeout(ANSWER_TIMEOUT):
-        reader, writer = await asyncio.open_unix_connection(path)
-        try:
-            writer.write(request)
-            await writer.drain()
-            writer.write_eof()
-            return await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-
-def ask_blocking(path: str, request: bytes) -> bytes:
-    return asyncio.run(ask(path, request))
-
-
-def admin(path: str, request: dict[str, Any]) -> Any:
-    """One policyctl request on the admin socket; the result, or the test fails."""
-    reply = admin_reply(path, request)
-    assert reply["ok"], reply
-    return reply["result"]
-
-
-def admin_reply(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    """One policyctl request on the admin socket; the whole reply, failed or not."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(ANSWER_TIMEOUT)
-        sock.connect(path)
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    reply: dict[str, Any] = json.loads(answer)
-    return reply
-
-
 def daemon_policy(url: str, **greylist: Any) -> dict[str, dict[str, Any]]:
     """Sections for daemon_factory: the Redis store and greylisting with a short delay."""
     return {
         "store": {"url": url},
         "greylist": {"delay": f"{DELAY}s", "auto_whitelist_after": 2, **greylist},
     }
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")

@@ -13,20 +13,13 @@ import contract.test_admin_store as admin_contract
 import contract.test_greylist_store as greylist_contract
 import contract.test_ratelimit_store as ratelimit_contract
 import pytest
-from redis_server import RedisServer
+from support.exim_client import ask_blocking
+from support.redis_server import RedisServer
 
 from policyd.checks.greylist import Status, Timing
 from policyd.stores import Store
 
-from .conftest import (
-    DELAY,
-    GREYLISTED,
-    RedisLab,
-    StoreOpener,
-    ask_blocking,
-    daemon_policy,
-    rcpt,
-)
+from .conftest import DELAY, GREYLISTED, RedisLab, StoreOpener, daemon_policy, rcpt
 
 pytestmark = pytest.mark.redis
 

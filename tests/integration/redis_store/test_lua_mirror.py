@@ -17,7 +17,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from redis_server import RedisServer
+from support.redis_server import RedisServer
 
 from policyd.checks.greylist import Client, Timing, Triplet, step
 from policyd.checks.ratelimit import Charge, Limit, decide_all

@@ -7,8 +7,10 @@ import time
 from typing import Any
 
 import pytest
+from support.exim_client import ask_blocking
+from support.policyd_process import admin
 
-from .conftest import DELAY, GREYLISTED, RedisLab, admin, ask_blocking, daemon_policy, rcpt
+from .conftest import DELAY, GREYLISTED, RedisLab, daemon_policy, rcpt
 
 pytestmark = pytest.mark.redis
 

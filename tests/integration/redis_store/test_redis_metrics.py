@@ -9,8 +9,10 @@ import urllib.request
 from typing import Any
 
 import pytest
+from support.exim_client import ask_blocking
+from support.policyd_process import wait_until
 
-from .conftest import RedisLab, ask_blocking, daemon_policy, rcpt, wait_for
+from .conftest import RedisLab, daemon_policy, rcpt
 
 pytestmark = pytest.mark.redis
 prom_parser = pytest.importorskip("prometheus_client.parser")
@@ -41,5 +43,9 @@ def test_auto_whitelisted_gauge_is_unknown_on_redis(
         b"defer 451 4.7.1"
     )
     # The first housekeeping round runs at start; until then the gauge holds its initial 0.
-    wait_for(lambda: math.isnan(gauge(port, "policyd_greylist_auto_whitelisted")), "NaN gauge")
+    wait_until(
+        lambda: math.isnan(gauge(port, "policyd_greylist_auto_whitelisted")),
+        "NaN gauge",
+        timeout=10.0,
+    )
     assert daemon.stop() == 0

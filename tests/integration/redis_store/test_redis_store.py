@@ -20,11 +20,10 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis_server import free_port, make_certificates
+from support.redis_server import free_port, make_certificates
 
 from policyd.checks.greylist import Status, Timing
 from policyd.checks.ratelimit import Charge, Limit
-from policyd.lists import ListEntry
 from policyd.stores import StoreUnavailable, open_store
 from policyd.stores.breaker import BreakerState
 from policyd.stores.keys import HashedStore
@@ -38,6 +37,7 @@ from policyd.stores.redis_store import (
     is_outage,
     pack,
 )
+from policyd.whitelist import ListEntry
 
 from .conftest import RedisLab, StoreOpener, store_config
 
@@ -397,3 +397,38 @@ async def test_busy_script_is_an_outage(redis_lab: RedisLab, open_redis_store: S
     thread.join()
     assert outcome and "killed" in str(outcome[0]).lower()
     assert (await store.greylist_step(key("b@x.org"), NET, T0, T, False)).status is Status.NEW
+
+
+async def test_questions_go_to_the_database_the_url_names(
+    redis_lab: RedisLab, open_redis_store: StoreOpener
+) -> None:
+    """The store's own connection selects the URL's database, as redis-py's does."""
+    server = redis_lab.server()
+    store = await open_redis_store(f"{server.url}?db=3")
+    assert (await store.greylist_step(key("b@x.org"), NET, T0, T, False)).status is Status.NEW
+    with server.client(db=3) as client:
+        assert client.exists(f"policyd:t:{{{NET}}}|a@example.net|b@x.org") == 1
+    with server.client() as client:
+        assert client.dbsize() == 0
+
+
+async def test_a_login_refused_on_reconnect_is_an_outage(
+    redis_lab: RedisLab, open_redis_store: StoreOpener
+) -> None:
+    """The password changed under a running daemon: its next connection is refused at AUTH,
+    which is answered like Redis being down (the fallback, the breaker), never as a bad
+    command, and the password is not in the error."""
+    server = redis_lab.server(
+        tcp=True, options=("--user", "mx", "on", ">s3cret-pw", "~policyd:*", "-@all", *ACL_COMMANDS)
+    )
+    store = await open_redis_store(f"redis://mx:s3cret-pw@127.0.0.1:{server.port}")
+    assert isinstance(store, RedisStore)
+    assert (await store.greylist_step(key("b@x.org"), NET, T0, T, False)).status is Status.NEW
+    with server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", "mx", "resetpass", ">another-pw")
+        admin.execute_command("CLIENT", "KILL", "USER", "mx")
+    await asyncio.sleep(0.05)  # the store sees its connection closed
+    with pytest.raises(StoreUnavailable, match="AUTH refused: WRONGPASS") as refused:
+        await store.greylist_step(key("c@x.org"), NET, T0, T, False)
+    assert "s3cret-pw" not in str(refused.value)
+    assert store.breaker.consecutive_failures == 1

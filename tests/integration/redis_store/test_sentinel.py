@@ -11,21 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import make_certificates
+from support.exim_client import ask, ask_blocking
+from support.policyd_process import admin, admin_reply, wait_until
+from support.redis_server import make_certificates
 
-from .conftest import (
-    DELAY,
-    FALLBACK,
-    GREYLISTED,
-    RedisLab,
-    admin,
-    admin_reply,
-    ask,
-    ask_blocking,
-    daemon_policy,
-    rcpt,
-    wait_for,
-)
+from .conftest import DELAY, FALLBACK, GREYLISTED, RedisLab, daemon_policy, rcpt
 
 pytestmark = pytest.mark.redis
 
@@ -45,7 +35,11 @@ def test_failover_keeps_answering_and_loses_nothing(
     replica = redis_lab.replica(master, tls=tls)
     sentinel = redis_lab.sentinel(master, SERVICE, tls=tls)
     with sentinel.client() as client:
-        wait_for(lambda: len(client.sentinel_slaves(SERVICE)) == 1, "replica known to sentinel")
+        wait_until(
+            lambda: len(client.sentinel_slaves(SERVICE)) == 1,
+            "replica known to sentinel",
+            timeout=10.0,
+        )
     scheme = "rediss+sentinel" if tls else "redis+sentinel"
     policy = daemon_policy(f"{scheme}://127.0.0.1:{sentinel.port}/{SERVICE}")
     if tls is not None:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import contract.test_greylist_store as greylist_contract
 import pytest
-from redis_server import RedisServer, TLSFiles, make_certificates
+from support.policyd_process import wait_until
+from support.redis_server import RedisServer, TLSFiles, make_certificates
 
 from policyd.stores import StoreUnavailable
 
-from .conftest import RedisLab, StoreOpener, wait_for
+from .conftest import RedisLab, StoreOpener
 
 pytestmark = pytest.mark.redis
 
@@ -40,7 +41,11 @@ async def test_sentinel_over_tls(
     redis_lab.replica(master, tls=certificates)
     sentinel = redis_lab.sentinel(master, SERVICE, tls=certificates)
     with sentinel.client() as client:
-        wait_for(lambda: len(client.sentinel_slaves(SERVICE)) == 1, "replica known to sentinel")
+        wait_until(
+            lambda: len(client.sentinel_slaves(SERVICE)) == 1,
+            "replica known to sentinel",
+            timeout=10.0,
+        )
     url = f"rediss+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}"
     await greylists(open_redis_store, url, certificates.ca)
     with pytest.raises(StoreUnavailable):  # the sentinel is not trusted without the CA

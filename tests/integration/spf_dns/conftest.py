@@ -1,4 +1,4 @@
-"""SPF through the real async DNS path: a loopback DNS server (tests/dns_server.py), c-ares
+"""SPF through the real async DNS path: a loopback DNS server (tests/support/dns_server.py), c-ares
 pointed at it with a ``host:port`` nameserver, and SpfCheck on top.
 
 No query leaves 127.0.0.1: every resolver here is built with the test server as its only
@@ -18,7 +18,7 @@ import pytest
 # tests/ holds the DNS server module shared by test packages (it is not a test file).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dns_server import DnsServer
+from support.dns_server import DnsServer
 
 from policyd.checks.spf import SpfCheck
 from policyd.config import SpfConfig

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from dns_server import DnsServer
+from support.dns_server import DnsServer
 
 from policyd.config import SpfConfig
 from policyd.dns import DEFAULT_NEGATIVE_TTL, FAILURE_TTL, Resolver, Status

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dns_server import DnsServer
+from support.dns_server import DnsServer
 
 from policyd.checks.spf import SpfCheck
 

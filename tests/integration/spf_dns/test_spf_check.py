@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from dns_server import DnsServer
+from support.dns_server import DnsServer
 
 from policyd.checks.spf import (
     FAIL_CODE,

@@ -1,5 +1,5 @@
 """SPF deferrals start the greylist clock (docs/greylisting.md "SPF deferrals start the
-clock"): the dispatcher over the real embedded store and real DNS (tests/dns_server.py),
+clock"): the dispatcher over the real embedded store and real DNS (tests/support/dns_server.py),
 with injected clocks for the dispatcher and the DNS cache."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from dns_server import DnsServer
+from support.dns_server import DnsServer
 
 from policyd.config import from_mapping
 from policyd.dispatch import Dispatcher

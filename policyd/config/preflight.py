@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .config import Config
-from .sockets import directory_fix
-from .stale import EXIM_TIMEOUT
-from .stores.keys import MIN_SECRET_BYTES, KeyHasher
-from .stores.sqlite import SCHEMA, SCHEMA_VERSION, path_from_url
+from ..sockets import directory_fix
+from ..stale import EXIM_TIMEOUT
+from ..stores.keys import MIN_SECRET_BYTES, KeyHasher
+from ..stores.sqlite import SCHEMA, SCHEMA_VERSION, path_from_url
+from .schema import Config
 
 #: The longest RCPT question the shipped fragments send (exim-snippets/rcpt.acl, and
 #: outbound.acl's with ``relay=1``) with every field at its limit: IPv6 address in full

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from .lists import ListError, normalise_entry
+from ..whitelist import ListError, normalise_entry
 
 #: IPv4 written as 1–3 leading octets (postgrey and sqlgrey "class" prefixes, e.g.
 #: ``192.168.1`` for 192.168.1.0/24), or a whole address with an optional prefix length.

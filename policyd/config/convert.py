@@ -13,7 +13,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Final
 
-from .model import IPNetwork
+from ..model import IPNetwork
 
 #: Relative to the working directory: the default works for a non-root user in a checkout.
 DEFAULT_STATE_DIR: Final = Path("var")
@@ -51,7 +51,7 @@ def parse_duration(value: object, key: str = "duration") -> float:
     return seconds
 
 
-def _conv_int(value: object, key: str) -> int:
+def integer(value: object, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if value < 0:
@@ -59,19 +59,19 @@ def _conv_int(value: object, key: str) -> int:
     return value
 
 
-def _conv_bool(value: object, key: str) -> bool:
+def boolean(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
 
 
-def _conv_str(value: object, key: str) -> str:
+def string(value: object, key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 
 
-def _conv_mode(value: object, key: str) -> int:
+def file_mode(value: object, key: str) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         return int(value, 8)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
@@ -79,15 +79,15 @@ def _conv_mode(value: object, key: str) -> int:
     raise ConfigError(f"{key}: expected an octal mode string like '0660'")
 
 
-def _conv_str_list(value: object, key: str) -> tuple[str, ...]:
+def string_list(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key}: expected a list of strings")
     return tuple(value)
 
 
-def _conv_networks(value: object, key: str) -> tuple[IPNetwork, ...]:
+def networks(value: object, key: str) -> tuple[IPNetwork, ...]:
     out: list[IPNetwork] = []
-    for item in _conv_str_list(value, key):
+    for item in string_list(value, key):
         try:
             out.append(ipaddress.ip_network(item.strip(), strict=False))
         except ValueError:
@@ -95,7 +95,7 @@ def _conv_networks(value: object, key: str) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
-def _choice(*allowed: str) -> Callable[[object, str], str]:
+def choice(*allowed: str) -> Callable[[object, str], str]:
     def conv(value: object, key: str) -> str:
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {', '.join(allowed)}; got {value!r}")
@@ -109,8 +109,8 @@ def _port(text: str, key: str) -> None:
         raise ConfigError(f"{key}: port {text} is out of range (0-{MAX_PORT})")
 
 
-def _tcp(value: object, key: str) -> str:
-    text = _conv_str(value, key)
+def tcp_listen(value: object, key: str) -> str:
+    text = string(value, key)
     if not text:
         return text
     if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):[0-9]{1,5}", text):
@@ -125,10 +125,10 @@ def _tcp(value: object, key: str) -> str:
     return text
 
 
-def _store_url(value: object, key: str) -> str:
-    text = _conv_str(value, key)
+def store_url(value: object, key: str) -> str:
+    text = string(value, key)
     # standard library only, imported when a config is loaded
-    from .stores.redis_url import SCHEMES, parse_url
+    from ..stores.redis_url import SCHEMES, parse_url
 
     scheme, sep, rest = text.partition("://")
     if not sep or (scheme != "sqlite" and scheme not in SCHEMES):
@@ -146,9 +146,9 @@ def _store_url(value: object, key: str) -> str:
     return text
 
 
-def _prefix(limit: int) -> Callable[[object, str], int]:
+def prefix_length(limit: int) -> Callable[[object, str], int]:
     def conv(value: object, key: str) -> int:
-        number = _conv_int(value, key)
+        number = integer(value, key)
         if number > limit:
             raise ConfigError(f"{key}: a prefix length is at most {limit}")
         return number
@@ -156,33 +156,33 @@ def _prefix(limit: int) -> Callable[[object, str], int]:
     return conv
 
 
-def _positive(value: object, key: str) -> int:
-    number = _conv_int(value, key)
+def positive(value: object, key: str) -> int:
+    number = integer(value, key)
     if number == 0:
         raise ConfigError(f"{key}: must be at least 1")
     return number
 
 
-def _duration(value: object, key: str) -> float:
+def duration(value: object, key: str) -> float:
     return parse_duration(value, key)
 
 
-def _positive_duration(value: object, key: str) -> float:
+def positive_duration(value: object, key: str) -> float:
     seconds = parse_duration(value, key)
     if seconds <= 0:
         raise ConfigError(f"{key}: must be longer than 0")
     return seconds
 
 
-def _hash_secret(value: object, key: str) -> str:
-    text = _conv_str(value, key)
+def hash_secret(value: object, key: str) -> str:
+    text = string(value, key)
     if text and len(text.encode()) < 16:  # stores.keys.MIN_SECRET_BYTES
         raise ConfigError(f'{key}: at least 16 bytes, or "" for no hashing')
     return text
 
 
-def _redis_prefix(value: object, key: str) -> str:
-    text = _conv_str(value, key)
+def redis_prefix(value: object, key: str) -> str:
+    text = string(value, key)
     # Braces would move the hash tag; glob characters would break admin scans.
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
         raise ConfigError(f"{key}: 1-64 characters from A-Z a-z 0-9 _ . : - expected")
@@ -217,11 +217,11 @@ def parse_rate(value: object, key: str = "rate") -> tuple[int, float]:
     raise ConfigError(f"{key}: expected a rate like '100/1h', '10/m' or '5/90s', got {value!r}")
 
 
-def _rate(value: object, key: str) -> tuple[int, float]:
+def rate(value: object, key: str) -> tuple[int, float]:
     return parse_rate(value, key)
 
 
-def _key_parts(value: object, key: str) -> tuple[str, ...]:
+def key_parts(value: object, key: str) -> tuple[str, ...]:
     parts = (value,) if isinstance(value, str) else value
     if not isinstance(parts, list | tuple) or not parts:
         raise ConfigError(f"{key}: expected a key part or a list of them")
@@ -231,8 +231,8 @@ def _key_parts(value: object, key: str) -> tuple[str, ...]:
     return tuple(str(p) for p in parts)
 
 
-def _lower_list(value: object, key: str) -> tuple[str, ...]:
-    return tuple(v.strip().lower() for v in _conv_str_list(value, key))
+def lower_list(value: object, key: str) -> tuple[str, ...]:
+    return tuple(v.strip().lower() for v in string_list(value, key))
 
 
 _NAMESERVER_RE: Final = re.compile(
@@ -240,9 +240,9 @@ _NAMESERVER_RE: Final = re.compile(
 )
 
 
-def _nameservers(value: object, key: str) -> tuple[str, ...]:
+def nameservers(value: object, key: str) -> tuple[str, ...]:
     """DNS servers as c-ares takes them: ``127.0.0.1``, ``127.0.0.1:5353``, ``[::1]:5353``."""
-    out = tuple(v.strip() for v in _conv_str_list(value, key))
+    out = tuple(v.strip() for v in string_list(value, key))
     for entry in out:
         address = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
         address = address.split("]")[0].lstrip("[")

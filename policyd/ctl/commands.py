@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .addresses import normalise_sender
-from .admin_client import Session, usage_error
-from .checks.greylist import KEY_SEPARATOR
+from ..addresses import normalise_sender
+from ..checks.greylist import KEY_SEPARATOR
+from ..protocol import ProtocolError, normalise_ip
+from ..stores.keys import HASH_MARK
+from ..whitelist import ListError, normalise_entry
+from .client import Session, usage_error
 from .importers import FORMATS, parse
-from .lists import ListError, normalise_entry
-from .protocol import ProtocolError, normalise_ip
-from .stores.keys import HASH_MARK
 
 #: Entries per ``whitelist.add`` request during an import (well under admin.MAX_LINE).
 IMPORT_BATCH: Final = 500

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from .addresses import AddressPatterns, NetworkSet, domain_of
-from .hostre import MAX_TOTAL_STATES, HostPatterns, PatternError, check_host_pattern
+from .host_patterns import MAX_TOTAL_STATES, HostPatterns, PatternError, check_host_pattern
 from .lograte import LogLimiter
 from .model import Query
 
@@ -93,26 +93,39 @@ def normalise_entry(kind: str, value: str, *, force: bool = False) -> str:
     if not text:
         raise ListError(f"empty {kind}")
     if kind == "client":
-        try:
-            network = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise ListError(f"{text!r} is not an IP address or CIDR") from None
-        widest = MAX_CLIENT_PREFIX[network.version]
-        if network.prefixlen < widest and not force:
-            raise ListError(
-                f"{network} covers 2^{network.max_prefixlen - network.prefixlen} addresses, "
-                f'wider than an IPv{network.version} /{widest}; add --force ("force": true) '
-                "if you mean it"
-            )
-        return str(network)
+        return _client_network(text, force)
     if kind == "client_host_re":
-        if len(text) > _MAX_REGEX:
-            raise ListError("regular expression too long")
-        try:
-            check_host_pattern(text)
-        except PatternError as exc:
-            raise ListError(f"regular expression {text!r} refused: {exc}") from None
-        return text
+        return _host_pattern(text)
+    return _name_or_address(kind, text, force)
+
+
+def _client_network(text: str, force: bool) -> str:
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ListError(f"{text!r} is not an IP address or CIDR") from None
+    widest = MAX_CLIENT_PREFIX[network.version]
+    if network.prefixlen < widest and not force:
+        raise ListError(
+            f"{network} covers 2^{network.max_prefixlen - network.prefixlen} addresses, "
+            f'wider than an IPv{network.version} /{widest}; add --force ("force": true) '
+            "if you mean it"
+        )
+    return str(network)
+
+
+def _host_pattern(text: str) -> str:
+    if len(text) > _MAX_REGEX:
+        raise ListError("regular expression too long")
+    try:
+        check_host_pattern(text)
+    except PatternError as exc:
+        raise ListError(f"regular expression {text!r} refused: {exc}") from None
+    return text
+
+
+def _name_or_address(kind: str, text: str, force: bool) -> str:
+    """Host and domain names, senders and recipients: lower-cased, ``<>`` stripped."""
     lowered = text.lower().strip("<>")
     if kind in ("client_host", "sender_domain"):
         lowered = lowered.strip(".")
@@ -151,24 +164,38 @@ class Whitelist:
         return len(self.entries)
 
     def match(self, query: Query, now: float, spf_pass_domain: str = "") -> ListEntry | None:
-        """The first live entry that lets this question skip greylisting, if any."""
+        """The first live entry that lets this question skip greylisting, if any: client
+        network, client host name, host pattern, sender, SPF-passed sender domain,
+        recipient."""
         if not self.entries:
             return None
+        return (
+            self._client(query, now)
+            or self._host(query.host.lower(), now)
+            or self._sender(query.sender.lower(), spf_pass_domain, now)
+            or self._recipient(query.recipient.lower(), now)
+        )
+
+    def _client(self, query: Query, now: float) -> ListEntry | None:
         for nets, entry in self._clients:
             if query.client in nets and entry.live(now):
                 return entry
-        host = query.host.lower()
-        if host:
-            for entry in self._hosts:
-                if (host == entry.value or host.endswith("." + entry.value)) and entry.live(now):
+        return None
+
+    def _host(self, host: str, now: float) -> ListEntry | None:
+        if not host:
+            return None
+        for entry in self._hosts:
+            if (host == entry.value or host.endswith("." + entry.value)) and entry.live(now):
+                return entry
+        if self._host_res:
+            for index in sorted(self._host_patterns.search(host)):
+                entry = self._host_res[index]
+                if entry.live(now):
                     return entry
-            if self._host_res:
-                matched = self._host_patterns.search(host)
-                for index in sorted(matched):
-                    entry = self._host_res[index]
-                    if entry.live(now):
-                        return entry
-        sender = query.sender.lower()
+        return None
+
+    def _sender(self, sender: str, spf_pass_domain: str, now: float) -> ListEntry | None:
         found = self._senders.get(sender)
         if found is not None and found.live(now):
             return found
@@ -176,7 +203,9 @@ class Whitelist:
             found = self._domains.get(spf_pass_domain)
             if found is not None and found.live(now):
                 return found
-        recipient = query.recipient.lower()
+        return None
+
+    def _recipient(self, recipient: str, now: float) -> ListEntry | None:
         for patterns, entry in self._recipients:
             if patterns.match(recipient) and entry.live(now):
                 return entry

@@ -18,17 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
 
-from . import __version__
-from .addresses import client_network, normalise_recipient, normalise_sender
-from .config import AdminConfig
-from .dispatch import Dispatcher
+from .. import __version__
+from ..addresses import client_network, normalise_recipient, normalise_sender
+from ..config import AdminConfig
+from ..dispatch import Dispatcher
+from ..metrics import rss_bytes
+from ..model import Query, Stage
+from ..protocol import ProtocolError, normalise_ip
+from ..sockets import bind_error, prepare_directory, remove_stale_socket, set_group
+from ..stores import AdminStore, StoreUnavailable
+from ..whitelist import MAX_ENTRIES, ListEntry, ListError, Whitelist, normalise_entry
 from .explain import explain
-from .lists import MAX_ENTRIES, ListEntry, ListError, Whitelist, normalise_entry
-from .metrics import rss_bytes
-from .model import Query, Stage
-from .protocol import ProtocolError, normalise_ip
-from .sockets import bind_error, prepare_directory, remove_stale_socket, set_group
-from .stores import AdminStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .checks.greylist import GreylistResult
-from .checks.ratelimit import Decision
-from .dispatch import Dispatcher
-from .model import Query, Verdict
-from .protocol import format_answer
-from .stores import AdminStore
-from .stores.readonly import GreylistRead, ReadOnlyStore
+from ..checks.greylist import GreylistResult
+from ..checks.ratelimit import Decision
+from ..dispatch import Dispatcher
+from ..model import Query, Verdict
+from ..protocol import format_answer
+from ..stores import AdminStore
+from ..stores.readonly import GreylistRead, ReadOnlyStore
 
 if TYPE_CHECKING:  # SPF needs aiodns and pyspf: imported only when [spf] is enabled
-    from .checks.spf import SpfOutcome
+    from ..checks.spf import SpfOutcome
 
 
 def _verdict_fields(verdict: Verdict) -> dict[str, Any]:

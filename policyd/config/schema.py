@@ -15,37 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from ..model import IPNetwork
+from . import convert as conv
 from .convert import (
     DEFAULT_STATE_DIR,
     RATE_KEY_PARTS,
     ConfigError,
-    _choice,
-    _conv_bool,
-    _conv_int,
-    _conv_mode,
-    _conv_networks,
-    _conv_str,
-    _conv_str_list,
-    _duration,
-    _hash_secret,
-    _key_parts,
-    _lower_list,
-    _nameservers,
-    _positive,
-    _positive_duration,
-    _prefix,
-    _rate,
-    _redis_prefix,
-    _store_url,
-    _tcp,
     opt,
     parse_duration,
     parse_rate,
 )
-from .model import IPNetwork
 
-__all__ = [  # the configuration API; the conversion helpers are re-exported from .convert
+__all__ = [  # the configuration API, re-exported by the package
     "RATE_KEY_PARTS",
+    "SECTIONS",
     "AdminConfig",
     "Config",
     "ConfigError",
@@ -56,12 +39,13 @@ __all__ = [  # the configuration API; the conversion helpers are re-exported fro
     "ServerConfig",
     "SpfConfig",
     "StoreConfig",
+    "drop_ins",
     "from_mapping",
     "load",
     "parse_duration",
     "parse_rate",
 ]
-from .protocol import DEFAULT_MAX_REQUEST_BYTES
+from ..protocol import DEFAULT_MAX_REQUEST_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,17 +54,17 @@ class ServerConfig:
 
     socket: str = opt(
         str(DEFAULT_STATE_DIR / "policyd.sock"),
-        _conv_str,
+        conv.string,
         (
             "Unix socket Exim asks on (empty: none). A missing directory is created with "
             "mode 0750 and group socket_group when the daemon may; otherwise the start "
             "stops with exit status 2, naming the command that creates it."
         ),
     )
-    socket_mode: int = opt(0o660, _conv_mode, 'Octal mode of the socket, e.g. "0660".')
+    socket_mode: int = opt(0o660, conv.file_mode, 'Octal mode of the socket, e.g. "0660".')
     socket_group: str = opt(
         "",
-        _conv_str,
+        conv.string,
         (
             "Group of the socket and of a socket directory the daemon creates, e.g. "
             "\"Debian-exim\"; the daemon's user must be a member. Empty: the daemon's "
@@ -89,7 +73,7 @@ class ServerConfig:
     )
     tcp: str = opt(
         "",
-        _tcp,
+        conv.tcp_listen,
         (
             'Optional TCP listener, "host:port" such as "127.0.0.1:10031" (port 0: any '
             "free port). Empty: none."
@@ -98,7 +82,7 @@ class ServerConfig:
     #: Whole-connection budget, well under the 2 s readsocket timeout of our snippets.
     deadline: float = opt(
         1.0,
-        _positive_duration,
+        conv.positive_duration,
         (
             "Whole-connection budget, accept to answer written; a question over it gets "
             "the fallback answer. Keep it below the readsocket timeout of the Exim "
@@ -107,7 +91,7 @@ class ServerConfig:
     )
     request_timeout: float = opt(
         0.25,
-        _positive_duration,
+        conv.positive_duration,
         (
             "Accept to complete request: Exim writes its request at once, so only idle or "
             "slow clients reach this. They are closed and do not hold a connection slot "
@@ -115,13 +99,13 @@ class ServerConfig:
         ),
     )
     max_request_bytes: int = opt(
-        DEFAULT_MAX_REQUEST_BYTES, _positive, "A longer request gets the fallback answer."
+        DEFAULT_MAX_REQUEST_BYTES, conv.positive, "A longer request gets the fallback answer."
     )
     #: Open connections answered normally; Exim's own smtp_accept_max defaults to 20, so
     #: this leaves room for idle or slow clients without turning checks off.
     max_connections: int = opt(
         1024,
-        _positive,
+        conv.positive,
         (
             "Questions beyond this many open connections get the fallback answer without "
             "being evaluated; beyond twice as many, connections are closed at once."
@@ -129,18 +113,20 @@ class ServerConfig:
     )
     fallback: str = opt(
         "accept",
-        _choice("accept", "defer"),
+        conv.choice("accept", "defer"),
         (
             "The answer when the daemon cannot decide (store down, deadline passed, too "
             'many connections): accept ("ok fallback CAUSE") or defer (451 4.3.0).'
         ),
     )
     drain_timeout: float = opt(
-        5.0, _duration, "On SIGTERM, how long open questions may finish before they are cut short."
+        5.0,
+        conv.duration,
+        "On SIGTERM, how long open questions may finish before they are cut short.",
     )
     log_level: str = opt(
         "info",
-        _choice("debug", "info", "warning", "error"),
+        conv.choice("debug", "info", "warning", "error"),
         (
             "debug, info (decisions as log_decisions says), warning or error; SIGHUP "
             "applies a change."
@@ -148,7 +134,7 @@ class ServerConfig:
     )
     log_decisions: str = opt(
         "changes",
-        _choice("changes", "all", "none"),
+        conv.choice("changes", "all", "none"),
         (
             "Which decision lines are logged at INFO: changes (refusals and first passes; "
             "passes of known triplets, whitelisted clients and early retries at DEBUG), all, "
@@ -157,12 +143,12 @@ class ServerConfig:
     )
     log_target: str = opt(
         "stderr",
-        _choice("stderr", "syslog"),
+        conv.choice("stderr", "syslog"),
         "stderr (the journal under systemd) or syslog (/dev/log).",
     )
     syslog_facility: str = opt(
         "mail",
-        _choice(
+        conv.choice(
             "mail",
             "daemon",
             "local0",
@@ -184,7 +170,7 @@ class StoreConfig:
 
     url: str = opt(
         f"sqlite://{DEFAULT_STATE_DIR / 'policyd.sqlite3'}",
-        _store_url,
+        conv.store_url,
         (
             "Where state lives: sqlite://PATH (everything after sqlite:// is the path, so"
             " sqlite:///var/lib/policyd/policyd.sqlite3 is absolute), or Redis: "
@@ -197,16 +183,20 @@ class StoreConfig:
     )
     cache_kib: int = opt(
         4096,
-        _positive,
+        conv.positive,
         ("SQLite page cache in KiB; bounds the store's memory whatever the number of rows."),
     )
     expire_batch: int = opt(
-        500, _positive, "SQLite: rows deleted per expiry step; expiry never runs as one long sweep."
+        500,
+        conv.positive,
+        "SQLite: rows deleted per expiry step; expiry never runs as one long sweep.",
     )
-    expire_interval: float = opt(10.0, _positive_duration, "SQLite: pause between expiry steps.")
+    expire_interval: float = opt(
+        10.0, conv.positive_duration, "SQLite: pause between expiry steps."
+    )
     commit_interval: float = opt(
         0.005,
-        _duration,
+        conv.duration,
         (
             "SQLite: the rows answered questions changed are written together this often; "
             "answers are given before the commit, so a crash loses at most this much "
@@ -216,7 +206,7 @@ class StoreConfig:
     # Redis (docs/redis.md); ignored by the embedded store unless noted.
     prefix: str = opt(
         "policyd",
-        _redis_prefix,
+        conv.redis_prefix,
         (
             "Redis: namespace of every key, 1 to 64 of A-Z a-z 0-9 _ . : -; several "
             "setups can share one Redis with different prefixes."
@@ -224,7 +214,7 @@ class StoreConfig:
     )
     timeout: float = opt(
         0.25,
-        _positive_duration,
+        conv.positive_duration,
         (
             "Redis: budget of one round trip, connect and queueing included, then the "
             "fallback answer; shorter than server.deadline."
@@ -232,7 +222,7 @@ class StoreConfig:
     )
     breaker_failures: int = opt(
         3,
-        _positive,
+        conv.positive,
         (
             "Redis: consecutive failed round trips that open the circuit; questions then "
             "get the fallback answer at once."
@@ -240,7 +230,7 @@ class StoreConfig:
     )
     breaker_reset: float = opt(
         1.0,
-        _positive_duration,
+        conv.positive_duration,
         (
             "Redis: while the circuit is open, one probe goes through this often; the "
             "first success closes it."
@@ -248,18 +238,18 @@ class StoreConfig:
     )
     tls_ca_file: str = opt(
         "",
-        _conv_str,
+        conv.string,
         ("rediss: CA bundle that signed the server's certificate (empty: the system's)."),
     )
     tls_cert_file: str = opt(
-        "", _conv_str, "rediss: client certificate, when the server asks for one."
+        "", conv.string, "rediss: client certificate, when the server asks for one."
     )
-    tls_key_file: str = opt("", _conv_str, "rediss: the client certificate's key.")
+    tls_key_file: str = opt("", conv.string, "rediss: the client certificate's key.")
     hash_secret: str = field(
         default="",
         repr=False,
         metadata={
-            "conv": _hash_secret,
+            "conv": conv.hash_secret,
             "doc": (
                 "Any store: key material is stored as HMAC-SHA256 with this secret (at least "
                 "16 bytes, the same on every MX sharing a store); empty: off."
@@ -268,7 +258,7 @@ class StoreConfig:
     )
     hash_secret_file: str = opt(
         "",
-        _conv_str,
+        conv.string,
         (
             "The hash secret read from a file (e.g. a systemd credential), surrounding "
             "whitespace stripped; not together with hash_secret."
@@ -280,10 +270,10 @@ class StoreConfig:
 class GreylistConfig:
     """``[greylist]``: design.md §3 greylisting."""
 
-    enabled: bool = opt(True, _conv_bool, "Greylist at RCPT.")
+    enabled: bool = opt(True, conv.boolean, "Greylist at RCPT.")
     delay: float = opt(
         300.0,
-        _duration,
+        conv.duration,
         (
             "A retry sooner than this after the first attempt is deferred again (the "
             "first attempt is kept, the clock not reset)."
@@ -291,32 +281,34 @@ class GreylistConfig:
     )
     retry_window: float = opt(
         2 * 86400.0,
-        _positive_duration,
+        conv.positive_duration,
         "An unpassed triplet not retried within this is forgotten; longer than delay.",
     )
     max_age: float = opt(
         35 * 86400.0,
-        _positive_duration,
+        conv.positive_duration,
         ("A passed triplet, and an auto-whitelisted client, unused this long is forgotten."),
     )
     auto_whitelist_after: int = opt(
         5,
-        _conv_int,
+        conv.integer,
         ("A client network that passed this many distinct triplets skips greylisting (0: never)."),
     )
-    ipv4_prefix: int = opt(24, _prefix(32), "Prefix length of the client network in the key, IPv4.")
+    ipv4_prefix: int = opt(
+        24, conv.prefix_length(32), "Prefix length of the client network in the key, IPv4."
+    )
     ipv6_prefix: int = opt(
-        64, _prefix(128), "Prefix length of the client network in the key, IPv6."
+        64, conv.prefix_length(128), "Prefix length of the client network in the key, IPv6."
     )
     learn: bool = opt(
         False,
-        _conv_bool,
+        conv.boolean,
         ("Record every triplet but defer nothing, to fill the auto-whitelist before going live."),
     )
-    skip_authenticated: bool = opt(True, _conv_bool, "Authenticated senders are not greylisted.")
+    skip_authenticated: bool = opt(True, conv.boolean, "Authenticated senders are not greylisted.")
     skip_relay: bool = opt(
         True,
-        _conv_bool,
+        conv.boolean,
         (
             "Questions from outbound.acl (relay hosts and authenticated clients, relay=1)"
             " are not greylisted; on Debian, Exim's relay_from_hosts includes localhost."
@@ -324,12 +316,12 @@ class GreylistConfig:
     )
     whitelist_clients: tuple[IPNetwork, ...] = opt(
         (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
-        _conv_networks,
+        conv.networks,
         "Client networks (CIDR, IPv4 and IPv6) never greylisted; loopback by default.",
     )
     whitelist_recipients: tuple[str, ...] = opt(
         ("postmaster@", "abuse@"),
-        _conv_str_list,
+        conv.string_list,
         (
             "Recipients that opt out: user@domain, user@ (that local part in every "
             "domain), domain or @domain."
@@ -337,18 +329,18 @@ class GreylistConfig:
     )
     multi_recipient: str = opt(
         "first",
-        _choice("first", "each"),
+        conv.choice("first", "each"),
         (
             "first: the first greylisted recipient decides for the whole message, which "
             "is never split; each: every recipient on its own."
         ),
     )
     add_header: bool = opt(
-        True, _conv_bool, "Return an X-Greylist header at DATA when a message was delayed."
+        True, conv.boolean, "Return an X-Greylist header at DATA when a message was delayed."
     )
     message: str = opt(
         "Greylisted: your mail server must retry; a new sender is accepted after {delay}",
-        _conv_str,
+        conv.string,
         "The SMTP text of a deferral; {delay} becomes the delay in words.",
     )
 
@@ -359,12 +351,12 @@ class RateRule:
 
     name: str = opt(
         "",
-        _conv_str,
+        conv.string,
         "Required and unique; in logs, metrics, the 451 text and policyctl ratelimit.",
     )
     key: tuple[str, ...] = opt(
         ("client",),
-        _key_parts,
+        conv.key_parts,
         (
             "What is counted per: client, sender, sender_domain, auth, recipient, "
             "recipient_domain, or a list of them; a question missing a part is not "
@@ -373,40 +365,44 @@ class RateRule:
     )
     count: str = opt(
         "messages",
-        _choice("connections", "messages", "recipients", "bytes"),
+        conv.choice("connections", "messages", "recipients", "bytes"),
         "connections, messages, recipients or bytes (bytes only at stage data).",
     )
     rate: tuple[int, float] = opt(
-        (100, 3600.0), _rate, 'Count per period: "100/1h", "10/m", "5/90s".'
+        (100, 3600.0), conv.rate, 'Count per period: "100/1h", "10/m", "5/90s".'
     )
-    burst: int = opt(0, _conv_int, "Units admitted at once; 0: the rate's count.")
-    stage: str = opt("rcpt", _choice("rcpt", "data"), "rcpt or data (recipient keys need rcpt).")
+    burst: int = opt(0, conv.integer, "Units admitted at once; 0: the rate's count.")
+    stage: str = opt(
+        "rcpt", conv.choice("rcpt", "data"), "rcpt or data (recipient keys need rcpt)."
+    )
     action: str = opt(
         "defer",
-        _choice("defer", "reject"),
+        conv.choice("defer", "reject"),
         "defer (451 4.7.1, with the time to retry) or reject (550 5.7.1).",
     )
     dry_run: bool = opt(
-        False, _conv_bool, "Never refuse; log and count (would_limit) what would have been refused."
+        False,
+        conv.boolean,
+        "Never refuse; log and count (would_limit) what would have been refused.",
     )
     ipv4_prefix: int = opt(
-        32, _prefix(32), "Client network of the client key part, IPv4 prefix length."
+        32, conv.prefix_length(32), "Client network of the client key part, IPv4 prefix length."
     )
     ipv6_prefix: int = opt(
-        64, _prefix(128), "Client network of the client key part, IPv6 prefix length."
+        64, conv.prefix_length(128), "Client network of the client key part, IPv6 prefix length."
     )
     exempt_clients: tuple[IPNetwork, ...] = opt(
-        (), _conv_networks, "Client networks (CIDR) this rule does not apply to."
+        (), conv.networks, "Client networks (CIDR) this rule does not apply to."
     )
     exempt_users: tuple[str, ...] = opt(
-        (), _lower_list, "Authenticated ids this rule does not apply to."
+        (), conv.lower_list, "Authenticated ids this rule does not apply to."
     )
     exempt_senders: tuple[str, ...] = opt(
-        (), _lower_list, "Senders (user@domain, user@, domain) this rule does not apply to."
+        (), conv.lower_list, "Senders (user@domain, user@, domain) this rule does not apply to."
     )
     message: str = opt(
         "Too much mail ({rule}); please try again {retry}",
-        _conv_str,
+        conv.string,
         (
             'The SMTP text; {rule} becomes the rule\'s name, {retry} "in N seconds" ("in 1'
             ' second") or "later".'
@@ -439,10 +435,10 @@ def _rules(value: object, key: str) -> tuple[RateRule, ...]:
 class RatelimitConfig:
     """``[ratelimit]``: flood protection rules (``[[ratelimit.rule]]``)."""
 
-    enabled: bool = opt(True, _conv_bool, "Rate-limit rules apply.")
+    enabled: bool = opt(True, conv.boolean, "Rate-limit rules apply.")
     exempt_clients: tuple[IPNetwork, ...] = opt(
         (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
-        _conv_networks,
+        conv.networks,
         "Client networks no rule applies to; loopback by default.",
     )
     rule: tuple[RateRule, ...] = opt((), _rules, "The rules, as [[ratelimit.rule]] tables.")
@@ -454,98 +450,106 @@ class SpfConfig:
     query DNS for every new sender domain."""
 
     enabled: bool = opt(
-        False, _conv_bool, "Check SPF; on, the daemon queries DNS for every new sender domain."
+        False, conv.boolean, "Check SPF; on, the daemon queries DNS for every new sender domain."
     )
     nameservers: tuple[str, ...] = opt(
         (),
-        _nameservers,
+        conv.nameservers,
         (
             'DNS servers as "address" or "address:port" ("127.0.0.1:5353", "[::1]:53"); '
             "empty: those of /etc/resolv.conf."
         ),
     )
     timeout: float = opt(
-        0.8, _positive_duration, "Total budget of one check, then temperror; below server.deadline."
+        0.8,
+        conv.positive_duration,
+        "Total budget of one check, then temperror; below server.deadline.",
     )
-    query_timeout: float = opt(0.5, _positive_duration, "One DNS query, c-ares retries included.")
-    cache_size: int = opt(5_000, _positive, "DNS answers cached (LRU, about 0.4 KiB each).")
+    query_timeout: float = opt(
+        0.5, conv.positive_duration, "One DNS query, c-ares retries included."
+    )
+    cache_size: int = opt(5_000, conv.positive, "DNS answers cached (LRU, about 0.4 KiB each).")
     #: SPF results cached per (client IP, sender, HELO) until their DNS answers expire (LRU,
     #: ~0.5 KiB each): a repeat check costs a look-up instead of an evaluation.
     result_cache_size: int = opt(
         1_000,
-        _positive,
+        conv.positive,
         (
             "SPF results cached per (client IP, sender, HELO) until their DNS answers "
             "expire (LRU, about 0.5 KiB each)."
         ),
     )
-    negative_ttl: float = opt(300.0, _duration, "How long NXDOMAIN and NODATA answers are cached.")
+    negative_ttl: float = opt(
+        300.0, conv.duration, "How long NXDOMAIN and NODATA answers are cached."
+    )
     helo: str = opt(
         "null-sender",
-        _choice("null-sender", "first"),
+        conv.choice("null-sender", "first"),
         (
             "null-sender: the HELO identity is checked when MAIL FROM is <> (RFC 7208 "
             "section 2.4); first: also checked first for every sender, and a HELO fail "
             "decides."
         ),
     )
-    skip_authenticated: bool = opt(True, _conv_bool, "Authenticated senders are not checked.")
+    skip_authenticated: bool = opt(True, conv.boolean, "Authenticated senders are not checked.")
     skip_clients: tuple[IPNetwork, ...] = opt(
         (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
-        _conv_networks,
+        conv.networks,
         "Client networks never checked (relay hosts); loopback by default.",
     )
     fail_action: str = opt(
         "reject",
-        _choice("reject", "tag"),
+        conv.choice("reject", "tag"),
         "fail: reject (550 5.7.23) or tag (accept, headers only).",
     )
     softfail_greylist_delay: float = opt(
         0.0,
-        _duration,
+        conv.duration,
         "softfail is accepted with headers; this much is added to the greylist delay.",
     )
     permerror_action: str = opt(
         "accept",
-        _choice("accept", "reject"),
+        conv.choice("accept", "reject"),
         "permerror: accept (headers only) or reject (550 5.7.24).",
     )
     temperror_action: str = opt(
         "defer",
-        _choice("defer", "accept"),
+        conv.choice("defer", "accept"),
         "temperror: defer (451 4.4.3) until the give-up rule, or accept at once.",
     )
     temperror_max_defers: int = opt(
         3,
-        _conv_int,
+        conv.integer,
         ("Give-up rule: accept once one (client IP, sender) was deferred this many times."),
     )
     temperror_max_time: float = opt(
         3600.0,
-        _duration,
+        conv.duration,
         "Give-up rule: accept once this long has passed since its first temperror.",
     )
     authserv_id: str = opt(
         "",
-        _conv_str,
+        conv.string,
         ("authserv-id of Authentication-Results (RFC 8601 section 2.5); empty: the host name."),
     )
     received_spf_header: bool = opt(
-        True, _conv_bool, "Return a Received-SPF header for Exim to add at DATA."
+        True, conv.boolean, "Return a Received-SPF header for Exim to add at DATA."
     )
     authentication_results_header: bool = opt(
-        True, _conv_bool, "Return an Authentication-Results header for Exim to add at DATA."
+        True, conv.boolean, "Return an Authentication-Results header for Exim to add at DATA."
     )
     greylist_max_ipv4_prefix: int = opt(
         12,
-        _prefix(32),
+        conv.prefix_length(32),
         (
             "Wide-open guard for greylisting keyed on an SPF-pass domain: a record "
             "authorising more addresses in total than one IPv4 /N keeps network keying."
         ),
     )
     greylist_max_ipv6_prefix: int = opt(
-        32, _prefix(128), "The same guard for IPv6: more than one IPv6 /N keeps network keying."
+        32,
+        conv.prefix_length(128),
+        "The same guard for IPv6: more than one IPv6 /N keeps network keying.",
     )
 
 
@@ -555,7 +559,7 @@ class MetricsConfig:
 
     enabled: bool = opt(
         True,
-        _conv_bool,
+        conv.boolean,
         (
             "Serve Prometheus metrics (needs prometheus-client; without it they are off "
             "and a warning says so)."
@@ -563,7 +567,7 @@ class MetricsConfig:
     )
     listen: str = opt(
         "127.0.0.1:9477",
-        _tcp,
+        conv.tcp_listen,
         (
             "The /metrics HTTP listener, host:port; port 0: any free port (logged). One "
             "that cannot bind is logged and skipped."
@@ -577,17 +581,17 @@ class AdminConfig:
 
     socket: str = opt(
         str(DEFAULT_STATE_DIR / "policyd-admin.sock"),
-        _conv_str,
+        conv.string,
         (
             "The policyctl socket (empty: none), separate from Exim's so that Exim cannot"
             " administer; its directory is created as for server.socket."
         ),
     )
     socket_mode: int = opt(
-        0o600, _conv_mode, "Its octal mode; whoever may connect may change policy."
+        0o600, conv.file_mode, "Its octal mode; whoever may connect may change policy."
     )
     socket_group: str = opt(
-        "", _conv_str, 'Its group (e.g. "policyd" for admins, with socket_mode = "0660").'
+        "", conv.string, 'Its group (e.g. "policyd" for admins, with socket_mode = "0660").'
     )
 
 
@@ -605,7 +609,7 @@ class Config:
     source: str = "<defaults>"
 
 
-_SECTIONS: Final[dict[str, type[Any]]] = {
+SECTIONS: Final[dict[str, type[Any]]] = {
     "server": ServerConfig,
     "store": StoreConfig,
     "greylist": GreylistConfig,
@@ -633,9 +637,9 @@ def from_mapping(raw: Mapping[str, object], source: str = "<mapping>") -> Config
     """Validate a parsed TOML document into a Config."""
     sections: dict[str, Any] = {}
     for name, body in raw.items():
-        if name not in _SECTIONS:
+        if name not in SECTIONS:
             raise ConfigError(f"[{name}]: unknown section")
-        sections[name] = _section(_SECTIONS[name], name, body)
+        sections[name] = _section(SECTIONS[name], name, body)
     config = Config(**sections, source=source)
     _cross_check(config)
     return config
@@ -703,6 +707,6 @@ def load(path: str | Path | None) -> Config:
 def _check_sections(raw: Mapping[str, object]) -> None:
     """Check the sections and keys of ``raw`` without the checks across sections."""
     for name, body in raw.items():
-        if name not in _SECTIONS:
+        if name not in SECTIONS:
             raise ConfigError(f"[{name}]: unknown section")
-        _section(_SECTIONS[name], name, body)
+        _section(SECTIONS[name], name, body)

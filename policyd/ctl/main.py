@@ -15,8 +15,12 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import __version__, configfile, exim_hook
-from .admin_client import (
+from .. import __version__
+from ..config import ConfigError, load, parse_duration
+from ..config import files as configfile
+from ..whitelist import KINDS, MAX_CLIENT_PREFIX
+from . import exim as exim_hook
+from .client import (
     DEFAULT_TIMEOUT,
     EXIT_DAEMON_ERROR,
     EXIT_NOT_RUNNING,
@@ -27,8 +31,7 @@ from .admin_client import (
     Session,
     usage_error,
 )
-from .config import ConfigError, load, parse_duration
-from .ctl_commands import (
+from .commands import (
     Reply,
     cmd_explain,
     cmd_greylist_flush,
@@ -45,7 +48,6 @@ from .ctl_commands import (
     cmd_whitelist_remove,
 )
 from .importers import FORMATS
-from .lists import KINDS, MAX_CLIENT_PREFIX
 
 __all__ = [
     "EXIT_DAEMON_ERROR",

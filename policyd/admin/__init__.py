@@ -1,0 +1,2 @@
+"""The daemon's administrative side: the admin socket and its commands (``server``), and
+``explain``, the dispatcher run over a read-only view of the store."""
