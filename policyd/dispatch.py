@@ -24,8 +24,8 @@ from .checks.ratelimit import Decision, RateLimiter
 from .checks.spf_headers import Identity, Result
 from .config import Config
 from .decision_log import DecisionLog, HashedFields
+from .identity_memo import IdentityMemo
 from .lograte import LogLimiter
-from .memo import IdentityMemo
 from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
