@@ -1,5 +1,9 @@
 """The floor: a do-nothing asyncio server that answers ``ok`` to every question.
 
+To a question that says ``skipdata=1`` (the shipped RCPT fragments) it answers
+``ok`` + ``skipdata``, as policyd does with its default configuration (no DATA-stage rule):
+behind the fragments, the floor then asks what policyd asks (docs/protocol.md).
+
 It speaks the same connection shape as policyd (read until EOF or a newline, answer, close)
 with the fastest plain-Python stack we have: uvloop when installed, the Protocol API, no
 parsing. Whatever policyd costs above this server is the price of its own work.
@@ -19,6 +23,9 @@ import signal
 import sys
 
 ANSWER = b"ok"
+#: policyd's answer to an accepted ``skipdata=1`` question when DATA decides nothing.
+SKIP_DATA_ASK = b" skipdata=1"
+SKIP_DATA_ANSWER = b"ok\nskipdata"
 # Same bound as policyd's default ``max_request_bytes``: a runaway client cannot grow a buffer.
 MAX_REQUEST_BYTES = 4096
 
@@ -27,6 +34,8 @@ class FloorProtocol(asyncio.Protocol):
     """Collects bytes until EOF or newline, answers once, closes."""
 
     __slots__ = ("_answered", "_buf", "_transport")
+    #: ``--answer``: one fixed answer to every question instead (e.g. greylistd's ``false``).
+    fixed: bytes | None = None
 
     def __init__(self) -> None:
         self._buf = b""
@@ -49,7 +58,10 @@ class FloorProtocol(asyncio.Protocol):
         if self._answered or self._transport is None:
             return
         self._answered = True
-        self._transport.write(ANSWER)
+        if self.fixed is not None:
+            self._transport.write(self.fixed)
+        else:
+            self._transport.write(SKIP_DATA_ANSWER if SKIP_DATA_ASK in self._buf else ANSWER)
         self._transport.close()
 
 
@@ -86,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, help="unix socket path to listen on")
     parser.add_argument("--stdlib-loop", action="store_true", help="do not use uvloop")
+    parser.add_argument("--answer", help="answer this to every question (e.g. false)")
     args = parser.parse_args(argv)
+    if args.answer is not None:
+        FloorProtocol.fixed = args.answer.encode()
     loop_name = install_loop(args.stdlib_loop)
     print(f"floor: {loop_name} Protocol server on {args.socket}", file=sys.stderr)
     asyncio.run(serve(args.socket))

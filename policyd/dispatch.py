@@ -24,6 +24,7 @@ from .checks.ratelimit import Decision, RateLimiter
 from .checks.spf_headers import Identity, Result
 from .config import Config
 from .decision_log import DecisionLog, HashedFields
+from .identity_memo import IdentityMemo
 from .lograte import LogLimiter
 from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
@@ -47,6 +48,8 @@ FALLBACK_DEFER: Final = Verdict(
 )
 #: Requests are logged with %r and cut to this length so a hostile one cannot flood the log.
 LOGGED_REQUEST_BYTES: Final = 300
+#: Shared RCPT verdicts (greylisting's, the whitelists') with ``skip_data`` set, kept once.
+SKIP_DATA_MEMO_ENTRIES: Final = 256
 
 
 def spf_pass_domain(outcome: SpfOutcome | None) -> str:
@@ -116,6 +119,7 @@ class Dispatcher:
         self.hostname = hostname or socket.gethostname()
         self.txns = TransactionMemory()
         self.conns = TransactionMemory()
+        self._skipping = IdentityMemo(_skip_data, SKIP_DATA_MEMO_ENTRIES)
         #: Filled with the findings when set (a read-only view's; see ``read_only``).
         self.trace: Trace | None = None
         self._stale_log = RateLimitedLog("answered the fallback to questions Exim gave up on")
@@ -145,6 +149,9 @@ class Dispatcher:
             if previous is not None:  # keep the temperror give-up counts across reloads
                 self.spf.temperrors = previous.temperrors
         rules = config.ratelimit.rule if config.ratelimit.enabled else ()
+        #: Whether the DATA question decides anything (a rate rule at stage data); if not,
+        #: RCPT answers tell fragments that sent skipdata=1 not to ask it.
+        self.data_question_needed = any(rule.stage == Stage.DATA.value for rule in rules)
         self.ratelimit = RateLimiter(rules, NetworkSet(config.ratelimit.exempt_clients), self.store)
         for name, tally in self.ratelimit.counters.items():
             self.metrics.ratelimit_fill.labels(name).set_function(tally.take_peak_fill)
@@ -201,6 +208,12 @@ class Dispatcher:
             # The stage's coroutine directly: one frame less than a shared decide().
             if query.stage is Stage.RCPT:
                 verdict = await self._rcpt(query, now)
+                if (
+                    query.skip_data
+                    and verdict.action is Action.ACCEPT
+                    and verdict.check != "fallback"
+                ):
+                    verdict = self._carry_to_data(query, verdict, now)
             else:
                 verdict = await self._data(query, now)
         except asyncio.CancelledError:
@@ -351,11 +364,27 @@ class Dispatcher:
             holder.rate_charged = holder.rate_charged | {name}
         return None
 
+    def _carry_to_data(self, query: Query, verdict: Verdict, now: float) -> Verdict:
+        """An accepted recipient's answer for a fragment that can skip its DATA question:
+        ``skipdata`` and the message's header lines so far, unless DATA decides something
+        (then the fragment asks, and the DATA answer carries the headers)."""
+        if self.data_question_needed:
+            return verdict
+        txn = self.txns.get(query.txn, now)
+        headers = self._headers(txn, now) if txn is not None else ()
+        if not headers:
+            return self._skipping(verdict)
+        return dataclasses.replace(verdict, skip_data=True, headers=headers)
+
     async def _data(self, query: Query, now: float) -> Verdict:
         txn = self.txns.setdefault(query.txn, now)
         limited = await self._ratelimit(query, txn, now)
         if limited is not None:
             return limited
+        return Verdict(Action.ACCEPT, check="data", headers=self._headers(txn, now))
+
+    def _headers(self, txn: Transaction, now: float) -> tuple[str, ...]:
+        """The header lines for the message: SPF's, and X-Greylist if it was delayed."""
         headers: list[str] = list(txn.spf.headers) if txn.spf is not None else []
         if txn.delayed > 0 and self.config.greylist.add_header:
             date = email.utils.formatdate(now, usegmt=True)
@@ -363,7 +392,11 @@ class Dispatcher:
                 f"X-Greylist: delayed {round(txn.delayed)} seconds by policyd-{__version__} "
                 f"at {self.hostname}; {date}"
             )
-        return Verdict(Action.ACCEPT, check="data", headers=tuple(headers))
+        return tuple(headers)
+
+
+def _skip_data(verdict: Verdict) -> Verdict:
+    return dataclasses.replace(verdict, skip_data=True)
 
 
 def _child(children: dict[Any, Any], family: Any, labels: tuple[str, ...]) -> Any:

@@ -54,6 +54,9 @@ class Query:
     port: int = 0
     #: when Exim asked (``t=``, microseconds since the epoch); 0 when not sent
     asked: int = 0
+    #: ``skipdata=1``: the fragment asks at DATA only if an RCPT answer did not say
+    #: ``skipdata``, and adds the header lines the RCPT answers carried (docs/protocol.md)
+    skip_data: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,8 @@ class Verdict:
     """What one check (or the whole dispatcher) decided.
 
     ``check`` and ``reason`` name the decision for logs and metrics; ``headers`` are complete
-    header lines (``Name: value``) for the DATA ACL to add.
+    header lines (``Name: value``) for the DATA ACL to add; ``skip_data`` (RCPT answers only)
+    tells the fragment that no DATA question is needed for this recipient.
     """
 
     action: Action
@@ -71,6 +75,7 @@ class Verdict:
     check: str = ""
     reason: str = ""
     headers: tuple[str, ...] = field(default=())
+    skip_data: bool = False
 
     @property
     def is_final(self) -> bool:

@@ -23,6 +23,9 @@ PROTOCOL_VERSION: Final = "1"
 DEFAULT_MAX_REQUEST_BYTES: Final = 4096
 #: RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets including the code and CRLF.
 MAX_REPLY_TEXT: Final = 400
+#: The RCPT answer's line after the verdict that tells a fragment which sent ``skipdata=1``
+#: not to ask at DATA for this recipient (the header lines after it are for DATA to add).
+SKIP_DATA_LINE: Final = "skipdata"
 
 _B64_FIELDS: Final = {
     "helo_b64": "helo",
@@ -39,6 +42,7 @@ _INT_FIELDS: Final = {
     "lines": "lines",
     "port": "port",
     "relay": "relay",
+    "skipdata": "skip_data",
     "t": "asked",
 }
 _TOKEN_FIELDS: Final = {"txn": "txn", "conn": "conn", "msgid": "msgid"}
@@ -48,8 +52,9 @@ _STAGES: Final = {stage.value: stage for stage in Stage}
 #: defaults by position, and Query is built from it positionally (cheaper than keywords).
 _QUERY_FIELDS: Final = [f.name for f in dataclasses.fields(Query)]
 _QUERY_DEFAULTS: Final[list[Any]] = [f.default for f in dataclasses.fields(Query)]
-_STAGE, _CLIENT, _RELAY, _RECIPIENT, _RECIPIENTS = (
-    _QUERY_FIELDS.index(name) for name in ("stage", "client", "relay", "recipient", "recipients")
+_STAGE, _CLIENT, _RELAY, _RECIPIENT, _RECIPIENTS, _SKIP_DATA = (
+    _QUERY_FIELDS.index(name)
+    for name in ("stage", "client", "relay", "recipient", "recipients", "skip_data")
 )
 _MAX_INT_DIGITS: Final = 18
 _MAX_TOKEN: Final = 128
@@ -81,6 +86,8 @@ def parse_request(data: bytes) -> Query:
     values[_STAGE] = stage
     if "relay" in seen:
         values[_RELAY] = values[_RELAY] != 0
+    if "skipdata" in seen:
+        values[_SKIP_DATA] = values[_SKIP_DATA] != 0
     recipients = values[_RECIPIENTS]
     if isinstance(recipients, str):
         values[_RECIPIENTS] = tuple(r.strip() for r in recipients.split(",") if r.strip())
@@ -226,7 +233,7 @@ def _format_answer(verdict: Verdict) -> bytes:
             code = f"{digit}51" if action is Action.DEFER else "550"
         ecode = verdict.ecode if _is_ecode(verdict.ecode, digit) else f"{digit}.7.1"
         first = f"{action.value} {code} {ecode} {safe_text(verdict.text) or 'policy'}"
-    lines = [first]
+    lines = [first, SKIP_DATA_LINE] if verdict.skip_data else [first]
     lines.extend(header_lines(verdict.headers))
     return "\n".join(lines).encode("ascii")
 

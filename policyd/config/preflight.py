@@ -31,9 +31,9 @@ from .schema import Config
 #: outbound.acl's with ``relay=1``) with every field at its limit: IPv6 address in full
 #: (39), port (5), host name and HELO of 255 octets, sender, recipient and authenticated id
 #: of 254 (the RFC 5321 §4.5.3.1.3 path limit), each base64-encoded (340), ids
-#: ``$pid-$tod_epoch_l`` (24), a 5-digit recipient count, ``t=$tod_epoch_l`` (16).
-#: tests/unit/test_config_check.py rebuilds it from the fragments.
-FRAGMENT_RCPT_REQUEST_BYTES: Final = 1911
+#: ``$pid-$tod_epoch_l`` (24), a 5-digit recipient count, ``skipdata=1``, ``t=$tod_epoch_l``
+#: (16). tests/unit/test_config_check.py rebuilds it from the fragments.
+FRAGMENT_RCPT_REQUEST_BYTES: Final = 1922
 #: sockaddr_un.sun_path is 108 bytes on Linux, the path plus its NUL (unix(7)).
 SUN_PATH_MAX: Final = 107
 #: The first 16 bytes of every SQLite 3 database file (sqlite.org/fileformat.html §1.3).

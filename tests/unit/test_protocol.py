@@ -27,6 +27,7 @@ from policyd.model import Action, IPAddress, Query, Stage, Verdict
 from policyd.protocol import (
     MAX_REPLY_TEXT,
     PROTOCOL_VERSION,
+    SKIP_DATA_LINE,
     ProtocolError,
     format_answer,
     header_lines,
@@ -102,6 +103,23 @@ def test_parses_the_documented_data_request() -> None:
     assert query.auth == "Jörg"
     assert query.msgid == "1tFq9Z-000abc-Xy"
     assert query.asked == 1732560000123789
+
+
+@pytest.mark.parametrize(
+    ("word", "skip"), [("", False), (" skipdata=1", True), (" skipdata=0", False)]
+)
+def test_skipdata_is_parsed(word: str, skip: bool) -> None:
+    assert parse_request(f"{RCPT}{word}".encode()).skip_data is skip
+
+
+def test_skipdata_must_be_a_number() -> None:
+    with pytest.raises(ProtocolError, match="skipdata= is not a number"):
+        parse_request(f"{RCPT} skipdata=yes".encode())
+
+
+def test_the_skipdata_line_is_not_a_header_line() -> None:
+    # The fragments tell it from the header lines after it: it has no colon.
+    assert ":" not in SKIP_DATA_LINE and SKIP_DATA_LINE.isascii()
 
 
 def test_the_deprecated_recipient_list_is_still_parsed() -> None:
@@ -243,6 +261,13 @@ def test_normalise_ip_raises_only_protocol_error(text: str) -> None:
         (Verdict(Action.DEFER, 421, "4.3.2", "busy"), b"defer 421 4.3.2 busy"),
         (Verdict(Action.REJECT, 554, "5.7.1", "No"), b"reject 554 5.7.1 No"),
         (Verdict(Action.DEFER, 451, "4.7.1", ""), b"defer 451 4.7.1 policy"),
+        (Verdict(Action.ACCEPT, skip_data=True), b"ok\nskipdata"),
+        (
+            Verdict(
+                Action.ACCEPT, reason="passed", headers=("X-Greylist: delayed",), skip_data=True
+            ),
+            b"ok passed\nskipdata\nX-Greylist: delayed",
+        ),
     ],
 )
 def test_format_answer_examples(verdict: Verdict, answer: bytes) -> None:

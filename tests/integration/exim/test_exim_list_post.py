@@ -3,13 +3,16 @@
 The DATA question carries the recipient count, not the list (docs/protocol.md), so it gets
 a real answer however many recipients there are: not the fallback that a 4 KiB request
 limit gave the old fragment above ~125 recipients, which with ``[server] fallback = "defer"``
-deferred every post to a big list on every retry. Asserted for a list server (a relay host,
-asked by outbound.acl) and for an outside client whose triplets passed greylisting, with
-both fallbacks: every recipient and the message accepted, the DATA question decided by the
-``data`` check (the daemon's decision log) with ``nrcpt=5000``, and the daemon's headers
-added (``exim -bh`` traces the ``add_header`` expansion). One more run over real SMTP
-(``exim -bdf``) delivers such a post to the aiosmtpd sink: all 5,000 recipients, once, with
-the ``X-Greylist`` header.
+deferred every post to a big list on every retry. The DATA question is asked when a
+DATA-stage rule is configured (otherwise the RCPT answers say ``skipdata``), so these
+daemons have one. Asserted for a list server (a relay host, asked by outbound.acl) and for
+an outside client whose triplets passed greylisting, with both fallbacks: every recipient
+and the message accepted, the DATA question decided by the ``data`` check (the daemon's
+decision log) with ``nrcpt=5000``, and the daemon's headers added (``exim -bh`` traces the
+``add_header`` expansion). Without a DATA-stage rule, no DATA question at all. One more
+run over real SMTP (``exim -bdf``, the default configuration: no DATA question) delivers
+such a post to the aiosmtpd sink: all 5,000 recipients, once, with the ``X-Greylist``
+header the RCPT answers carried.
 """
 
 from __future__ import annotations
@@ -45,13 +48,24 @@ BODY = "Subject: monthly newsletter\nList-Id: <news.lists.example.org>\n\nHello,
 ADDED_GREYLIST_HEADER = re.compile(r"^>>>\s+= X-Greylist: delayed \d+ seconds by policyd", re.M)
 #: Covers the time from our clock reading to the daemon's first RCPT question.
 START_SLACK = 0.5
+#: A DATA-stage rule that never limits here: with it, the fragments ask at DATA.
+DATA_RULE = """
+[ratelimit]
+[[ratelimit.rule]]
+name = "list-bytes"
+count = "bytes"
+stage = "data"
+rate = "1000000000/1h"
+"""
 
 
 @pytest.fixture(params=["accept", "defer"])
 def daemon(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Policyd]:
-    """A private daemon (the lab's config: greylisting with a 2 s delay) per fallback."""
+    """A private daemon (the lab's config: greylisting with a 2 s delay, and a DATA-stage
+    rule) per fallback."""
     started = Policyd(lab.subdir(f"list-{request.param}"), fallback=request.param)
     started.write_config()
+    started.config.write_text(started.config.read_text() + DATA_RULE)
     started.start()
     try:
         yield started
@@ -101,6 +115,16 @@ def test_an_outside_client_posts_to_5000_after_greylisting(exim: Exim, daemon: P
     retry = exim.bh(OUTSIDE_CLIENT, sender, SUBSCRIBERS, body=BODY, socket_path=daemon.socket)
     assert_post_decided(retry, daemon, sender)
     assert ADDED_GREYLIST_HEADER.search(retry.log), retry.describe()[-2000:]
+
+
+def test_without_a_data_rule_a_post_asks_no_data_question(exim: Exim, policyd: Policyd) -> None:
+    sender = "news-bounces@lists.example.org"
+    result = exim.bh(RELAY_CLIENT, sender, SUBSCRIBERS, body=BODY, socket_path=policyd.socket)
+    assert result.rcpt_codes == [250] * LIST_SIZE, result.rcpt[:3]
+    assert result.data.startswith("250 OK id="), result.data
+    assert NO_ANSWER_LOG not in result.log, result.log_lines
+    assert data_decisions(policyd, sender) == []
+    assert "reason=relay-client" in policyd.log_text()
 
 
 def test_a_post_to_5000_is_delivered_with_its_header(mta: Mta, policyd: Policyd) -> None:

@@ -323,3 +323,108 @@ def test_data_defer_and_empty_body(exim: Exim, stub: StubPolicy) -> None:
     result = exim.bh(CLIENT, SENDER, [RCPTS[0]], socket_path=stub.socket, body="Subject: x\n\n")
     assert result.data.startswith("250 OK id="), result.describe()
     assert parse(stub.requests[-1])[1]["bodysize"] == "0"
+
+
+# --- Fewer questions: skipdata (docs/protocol.md) -----------------------------------------
+
+#: An RCPT answer of policyd when DATA decides nothing, with the message's headers.
+SKIP_WITH_HEADERS = (
+    "ok passed\nskipdata\nX-Greylist: delayed 2 seconds by policyd\n\tsecond line"
+    "\nAuthentication-Results: mx.test.example; none"
+)
+
+
+def stages(stub: StubPolicy) -> list[str]:
+    return [parse(r)[0] for r in stub.requests]
+
+
+def test_skipdata_answers_spare_the_data_question_and_carry_the_headers(
+    exim: Exim, lab: Lab, stub: StubPolicy
+) -> None:
+    tag = uuid.uuid4().hex
+    # The first recipient's answer has no headers yet, the last one has them all.
+    stub.script("ok\nskipdata", SKIP_WITH_HEADERS)
+    dialogue, _ = smtp_dialogue(SENDER, RCPTS, body=f"Subject: {tag}\n\n")
+    done = subprocess.run(
+        exim.command("-bs", "-oMa", CLIENT, "-odi", POLICYD_SOCKET=str(stub.socket)),
+        input=dialogue,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    assert b"250 OK id=" in done.stdout, done.stdout + done.stderr
+    assert stages(stub) == ["rcpt", "rcpt"], stub.requests
+    assert all(parse(r)[1]["skipdata"] == "1" for r in stub.requests)
+
+    def delivered() -> list[mailbox.mboxMessage]:
+        if not lab.inbox.exists():
+            return []
+        return [m for m in mailbox.mbox(lab.inbox) if m["Subject"] == tag]
+
+    wait_for(lambda: len(delivered()) == len(RCPTS), 10, "delivery to LAB/mail/inbox")
+    message = delivered()[0]  # one copy per recipient (test.conf's appendfile)
+    assert message["X-Greylist"] == "delayed 2 seconds by policyd\n\tsecond line"
+    # A trace field: on top, above this host's Received: line.
+    names = message.keys()
+    assert names.index("Authentication-Results") < names.index("Received"), names
+    assert "X-ACL-Warn" not in message and "skipdata" not in message.as_string()
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        "ok",  # an older daemon: never says skipdata
+        "ok fallback busy",  # a limit was hit: the daemon did not decide
+        "error store down",  # no usable answer (fail-open)
+        NO_ANSWER,
+        "ok\nX-Header: skipdata",  # not the line after the verdict
+        "okskipdata\nskipdata",  # not an ok answer
+    ],
+)
+def test_one_recipient_without_skipdata_keeps_the_data_question(
+    exim: Exim, stub: StubPolicy, second: str | None
+) -> None:
+    stub.script("ok\nskipdata", second, "ok\nskipdata", "ok")
+    result = exim.bh(
+        CLIENT,
+        SENDER,
+        [*RCPTS, "dave@test.example"],
+        socket_path=stub.socket,
+        body="Subject: x\n\n",
+    )
+    assert result.rcpt_codes == [250, 250, 250] and result.data.startswith("250 OK id=")
+    assert stages(stub) == ["rcpt", "rcpt", "rcpt", "data"], result.describe()
+
+
+def test_a_deferred_recipient_does_not_cancel_skipdata(exim: Exim, stub: StubPolicy) -> None:
+    stub.script("ok\nskipdata", "defer 451 4.7.1 Greylisted", "ok\nskipdata")
+    result = exim.bh(
+        CLIENT,
+        SENDER,
+        [*RCPTS, "dave@test.example"],
+        socket_path=stub.socket,
+        body="Subject: x\n\n",
+    )
+    assert result.rcpt_codes == [250, 451, 250] and result.data.startswith("250 OK id=")
+    assert stages(stub) == ["rcpt", "rcpt", "rcpt"], result.describe()
+
+
+def test_skipdata_holds_for_one_message_only(exim: Exim, stub: StubPolicy) -> None:
+    # A second message in the session starts again (acl_m_ variables are per message): its
+    # recipient's plain "ok" makes its DATA question asked.
+    stub.script("ok\nskipdata", "ok")
+    dialogue, _ = smtp_dialogue(
+        SENDER,
+        [RCPTS[0]],
+        body="Subject: one\n\n",
+        extra=[f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPTS[1]}>", "DATA", "Subject: two\r\n\r\n."],
+    )
+    done = subprocess.run(
+        exim.command("-bh", CLIENT, POLICYD_SOCKET=str(stub.socket)),
+        input=dialogue,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    assert done.stdout.count(b"250 OK id=") == 2, done.stdout
+    assert stages(stub) == ["rcpt", "rcpt", "data"], stub.requests
