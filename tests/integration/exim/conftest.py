@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from support.policyd_process import wait_until
 
 EXIM = Path("/usr/sbin/exim4")
 EXIM_USER = "Debian-exim"
@@ -104,19 +105,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
-) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.1f}s waiting for {what}", pytrace=False)
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +266,7 @@ class Policyd:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(self._ready, START_TIMEOUT, f"policyd to be ready on {self.socket}")
+        wait_until(self._ready, f"policyd to be ready on {self.socket}", START_TIMEOUT)
 
     def _ready(self) -> bool:
         assert self.process is not None and self.notify is not None
@@ -651,7 +639,7 @@ def mta(exim: Exim, lab: Lab, policyd: Policyd) -> Iterator[Mta]:
                 return probe.connect_ex(("127.0.0.1", port)) == 0
 
         try:
-            wait_for(listening, START_TIMEOUT, f"exim -bdf to listen on port {port}")
+            wait_until(listening, f"exim -bdf to listen on port {port}", START_TIMEOUT)
             yield Mta(exim, port, sink, process)
         finally:
             process.send_signal(signal.SIGTERM)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.policyd_process import wait_until
 
 from .conftest import (
     EXIM,
@@ -38,7 +39,6 @@ from .conftest import (
     Policyd,
     retry_until,
     sleep_until,
-    wait_for,
 )
 
 pytestmark = pytest.mark.exim
@@ -263,7 +263,7 @@ def decisions(daemon: Policyd, marker: str, count: int) -> list[str]:
     def lines() -> list[str]:
         return [line for line in daemon.log_text().splitlines() if marker in line]
 
-    wait_for(lambda: len(lines()) >= count, 5.0, f"{count} decision lines with {marker!r}")
+    wait_until(lambda: len(lines()) >= count, f"{count} decision lines with {marker!r}", 5.0)
     return lines()
 
 
@@ -303,10 +303,10 @@ def test_inbound_mail_to_a_local_user_is_greylisted_then_accepted(
     triplet = f"client={INBOUND_CLIENT} sender='{sender}' rcpt='{LOCAL_RCPT}'"
     # retry_until may have made early retries (deferred) before the 250; the accepting
     # line is the last one, and may reach the log a flush interval after the answer.
-    wait_for(
+    wait_until(
         lambda: "action=ok check=greylist" in decisions(daemon, triplet, 2)[-1],
-        5.0,
         "the accepting decision line",
+        5.0,
     )
     logged = decisions(daemon, triplet, 2)
     assert "action=defer check=greylist" in logged[0], logged

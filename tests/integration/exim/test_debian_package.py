@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.policyd_process import wait_until
 
-from .conftest import REPO, SNIPPETS_DIR, wait_for
+from .conftest import REPO, SNIPPETS_DIR
 from .test_exim_hook import tree_digest
 
 pytestmark = pytest.mark.exim
@@ -169,10 +170,10 @@ def test_install_greylist_through_exim_remove_purge(deb: Path, tmp_path: Path) -
         assert run_dir.st_gid == exim_gid and run_dir.st_mode & 0o2000, "not setgid Debian-exim"
         with open(log, "wb") as out:
             daemon = subprocess.Popen(START, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(
+        wait_until(
             lambda: run(["policyctl", "ping"]).returncode == 0 or daemon.poll() is not None,
-            30.0,
             "the daemon to answer policyctl ping",
+            30.0,
         )
         assert daemon.poll() is None, log.read_text()
         pid = daemon_pid()

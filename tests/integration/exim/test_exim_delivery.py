@@ -12,8 +12,9 @@ from collections import Counter
 from email.message import EmailMessage
 
 import pytest
+from support.policyd_process import wait_until
 
-from .conftest import GREYLIST_DELAY, Mta, sleep_until, wait_for
+from .conftest import GREYLIST_DELAY, Mta, sleep_until
 
 pytestmark = pytest.mark.exim
 
@@ -65,8 +66,8 @@ def test_every_message_arrives_exactly_once(mta: Mta) -> None:
             assert time.monotonic() < deadline, f"still refused after the delay: {sorted(pending)}"
             time.sleep(0.2)
 
-    wait_for(lambda: len(mta.sink.messages) >= len(MESSAGES), 20, "delivery to the sink")
-    wait_for(lambda: mta.queue_count() == 0, 20, "Exim's queue to empty")
+    wait_until(lambda: len(mta.sink.messages) >= len(MESSAGES), "delivery to the sink", 20)
+    wait_until(lambda: mta.queue_count() == 0, "Exim's queue to empty", 20)
     received = mta.sink.received()
     counts = Counter(message["X-Test-Id"] for _, _, message in received)
     assert counts == Counter({f"m{n}": 1 for n in range(1, len(MESSAGES) + 1)}), counts

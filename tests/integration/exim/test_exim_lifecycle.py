@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from support.policyd_process import wait_until
 
 from .conftest import (
     GREYLIST_DELAY,
@@ -17,7 +18,6 @@ from .conftest import (
     Policyd,
     retry_until,
     sleep_until,
-    wait_for,
 )
 
 pytestmark = pytest.mark.exim
@@ -93,7 +93,7 @@ def test_a_stopped_daemon_does_not_decide_what_exim_gave_up_on(
 
     # Read after SIGCONT, the question is older than Exim's timeout (t=): the fallback,
     # not a greylisting decision (which would say "defer" for a recipient Exim accepted).
-    wait_for(lambda: "Exim gave up on" in daemon.log_text(), 5, "the stale-question warning")
+    wait_until(lambda: "Exim gave up on" in daemon.log_text(), "the stale-question warning", 5)
     assert daemon.stop() == 0
     log = daemon.log_text()
     assert f"sender={sender!r}" not in log, log

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support.policyd_process import wait_until
 
 from .conftest import (
     GREYLIST_DELAY,
@@ -32,7 +33,6 @@ from .conftest import (
     Mta,
     Policyd,
     sleep_until,
-    wait_for,
 )
 from .test_exim_delivery import make_message
 
@@ -137,8 +137,8 @@ def test_a_post_to_5000_is_delivered_with_its_header(mta: Mta, policyd: Policyd)
 
     sleep_until(started + GREYLIST_DELAY + START_SLACK)
     assert mta.send(client, message, sender, rcpts) == {}
-    wait_for(lambda: len(mta.sink.messages) > 0, 30, "delivery to the sink")
-    wait_for(lambda: mta.queue_count() == 0, 60, "Exim's queue to empty")
+    wait_until(lambda: len(mta.sink.messages) > 0, "delivery to the sink", 30)
+    wait_until(lambda: mta.queue_count() == 0, "Exim's queue to empty", 60)
     received = mta.sink.received()
     delivered = sorted(rcpt for _, to, _ in received for rcpt in to)
     assert delivered == sorted(rcpts)  # every subscriber, once

@@ -16,6 +16,7 @@ import time
 import uuid
 
 import pytest
+from support.policyd_process import wait_until
 
 from .conftest import (
     NO_ANSWER,
@@ -26,7 +27,6 @@ from .conftest import (
     Lab,
     StubPolicy,
     smtp_dialogue,
-    wait_for,
 )
 
 pytestmark = pytest.mark.exim
@@ -307,7 +307,7 @@ def test_data_answer_headers_are_added(exim: Exim, lab: Lab, stub: StubPolicy) -
             return []
         return [m for m in mailbox.mbox(lab.inbox) if m["Subject"] == tag]
 
-    wait_for(lambda: bool(delivered()), 10, "delivery to LAB/mail/inbox")
+    wait_until(lambda: bool(delivered()), "delivery to LAB/mail/inbox", 10)
     (message,) = delivered()
     assert message["X-Greylist"] == "delayed 2 seconds by policyd\n\tsecond line"
     assert message["Authentication-Results"] == "mx.test.example; none"
@@ -361,7 +361,7 @@ def test_skipdata_answers_spare_the_data_question_and_carry_the_headers(
             return []
         return [m for m in mailbox.mbox(lab.inbox) if m["Subject"] == tag]
 
-    wait_for(lambda: len(delivered()) == len(RCPTS), 10, "delivery to LAB/mail/inbox")
+    wait_until(lambda: len(delivered()) == len(RCPTS), "delivery to LAB/mail/inbox", 10)
     message = delivered()[0]  # one copy per recipient (test.conf's appendfile)
     assert message["X-Greylist"] == "delayed 2 seconds by policyd\n\tsecond line"
     # A trace field: on top, above this host's Received: line.

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NO_ANSWER_LOG, BhResult, Exim, Lab, Mta, Policyd, sleep_until, wait_for
+from .conftest import NO_ANSWER_LOG, BhResult, Exim, Lab, Mta, Policyd, sleep_until
 
 # tests/ holds the DNS server module shared by test packages (it is not a test file).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from support.dns_server import DnsServer
+from support.policyd_process import wait_until
 
 from policyd.dns import FAILURE_TTL
 
@@ -223,7 +224,7 @@ def delivered(mta: Mta, test_id: str) -> EmailMessage:
     def found() -> list[EmailMessage]:
         return [m for _, _, m in mta.sink.received() if m["X-Test-Id"] == test_id]
 
-    wait_for(lambda: bool(found()), 20, f"delivery of {test_id} to the sink")
+    wait_until(lambda: bool(found()), f"delivery of {test_id} to the sink", 20)
     (message,) = found()
     return message
 
@@ -416,7 +417,7 @@ def test_slow_domain_does_not_slow_other_domains(
     with ThreadPoolExecutor(max_workers=1 + FAST_DOMAINS) as pool:
         slow_future = pool.submit(timed, "news@slow.example")
         # In flight once its question reached the DNS server (which holds the answer 5 s).
-        wait_for(lambda: bool(dns.queries("slow.example", "TXT")), 5, "the slow domain's query")
+        wait_until(lambda: bool(dns.queries("slow.example", "TXT")), "the slow domain's query", 5)
         assert not slow_future.done()
         # Every fast domain needs a real DNS round trip of its own while the slow one waits.
         fast_futures = [pool.submit(timed, f"news@fast{n}.example") for n in range(FAST_DOMAINS)]
