@@ -4,12 +4,11 @@ the checks of the machine made before the first question (``preflight``)."""
 
 from __future__ import annotations
 
+from .convert import RATE_KEY_PARTS, ConfigError, parse_duration, parse_rate
 from .schema import (
-    RATE_KEY_PARTS,
     SECTIONS,
     AdminConfig,
     Config,
-    ConfigError,
     GreylistConfig,
     MetricsConfig,
     RatelimitConfig,
@@ -20,8 +19,6 @@ from .schema import (
     drop_ins,
     from_mapping,
     load,
-    parse_duration,
-    parse_rate,
 )
 
 __all__ = [

@@ -16,36 +16,13 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from ..model import IPNetwork
+from ..protocol import DEFAULT_MAX_REQUEST_BYTES
 from . import convert as conv
 from .convert import (
     DEFAULT_STATE_DIR,
-    RATE_KEY_PARTS,
     ConfigError,
     opt,
-    parse_duration,
-    parse_rate,
 )
-
-__all__ = [  # the configuration API, re-exported by the package
-    "RATE_KEY_PARTS",
-    "SECTIONS",
-    "AdminConfig",
-    "Config",
-    "ConfigError",
-    "GreylistConfig",
-    "MetricsConfig",
-    "RateRule",
-    "RatelimitConfig",
-    "ServerConfig",
-    "SpfConfig",
-    "StoreConfig",
-    "drop_ins",
-    "from_mapping",
-    "load",
-    "parse_duration",
-    "parse_rate",
-]
-from ..protocol import DEFAULT_MAX_REQUEST_BYTES
 
 
 @dataclass(frozen=True, slots=True)
