@@ -29,7 +29,7 @@ from .lograte import LogLimiter
 from .metrics import Metrics
 from .model import Action, Query, Stage, Verdict
 from .protocol import ProtocolError, error_answer, format_answer, parse_request
-from .stale import MICROSECONDS, Age, RateLimitedLog, classify
+from .stale import MICROSECONDS, Age, classify
 from .stores import QuestionStore, StoreUnavailable
 from .stores.keys import HashedStore
 from .stores.timed import TimedStore
@@ -122,8 +122,6 @@ class Dispatcher:
         self._skipping = IdentityMemo(_skip_data, SKIP_DATA_MEMO_ENTRIES)
         #: Filled with the findings when set (a read-only view's; see ``read_only``).
         self.trace: Trace | None = None
-        self._stale_log = RateLimitedLog("answered the fallback to questions Exim gave up on")
-        self._odd_time_log = RateLimitedLog("ignored an implausible t= (clocks disagree?)")
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -243,9 +241,11 @@ class Dispatcher:
             f"age={now - query.asked / MICROSECONDS:.3f}s"
         )
         if age is Age.STALE:
-            self._stale_log.event(now, detail)
+            self.warnings.warning(
+                logger, "answered the fallback to a question Exim gave up on: %s", detail
+            )
             return True
-        self._odd_time_log.event(now, detail)
+        self.warnings.warning(logger, "ignored an implausible t= (clocks disagree?): %s", detail)
         return False
 
     def _fallback_verdict(self, cause: str) -> Verdict:

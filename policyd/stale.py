@@ -15,10 +15,7 @@ stale questions come in bursts of hundreds when a stopped daemon resumes.
 from __future__ import annotations
 
 import enum
-import logging
 from typing import Final
-
-logger = logging.getLogger(__name__)
 
 #: Exim's ``${readsocket}`` timeout in the shipped fragments: ``POLICYD_TIMEOUT = 2s`` in
 #: exim-snippets/00_policyd (a test checks they agree). Exim's one timer covers connect,
@@ -34,8 +31,6 @@ CLOCK_SKEW_ALLOWANCE: Final = 1.0
 #: EXIM_TIMEOUT and closed): it is a wrong unit (``$tod_epoch`` in seconds reads as 1970)
 #: or a broken clock, so it is ignored rather than turning every question into a fallback.
 MAX_PLAUSIBLE_AGE: Final = 86_400.0
-#: At most one log line per this many seconds for each kind (stale, implausible).
-LOG_INTERVAL: Final = 60.0
 
 
 class Age(enum.Enum):
@@ -58,28 +53,3 @@ def classify(asked_us: int, now: float, timeout: float = EXIM_TIMEOUT) -> Age:
     if age > MAX_PLAUSIBLE_AGE or age < -CLOCK_SKEW_ALLOWANCE:
         return Age.IMPLAUSIBLE
     return Age.STALE if age > timeout else Age.FRESH
-
-
-class RateLimitedLog:
-    """One WARNING line per ``interval`` for a recurring event, with the count since the
-    last line, so a burst of a thousand stale questions writes one line, not a thousand."""
-
-    def __init__(self, what: str, interval: float = LOG_INTERVAL) -> None:
-        self.what = what
-        self.interval = interval
-        self._next = float("-inf")
-        self._unlogged = 0
-
-    def event(self, now: float, detail: str) -> None:
-        self._unlogged += 1
-        if now < self._next:
-            return
-        count, self._unlogged = self._unlogged, 0
-        self._next = now + self.interval
-        logger.warning(
-            "%s: %d question(s) since the last such line (at most one per %.0fs); last: %s",
-            self.what,
-            count,
-            self.interval,
-            detail,
-        )

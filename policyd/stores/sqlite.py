@@ -42,6 +42,7 @@ from typing import Final, TypeVar
 from ..checks.greylist import Client, Step, Timing, Triplet, step
 from ..checks.ratelimit import Charge, Decision, decide_all
 from ..config import StoreConfig
+from ..lograte import LogLimiter
 from .base import StoreUnavailable
 from .sqlite_admin import SQLiteAdmin
 
@@ -102,9 +103,6 @@ WAL_HOLD_FACTOR: Final = 2
 MAX_PENDING_ROWS: Final = 20_000
 #: While writes fail, how often one is tried again.
 FAILED_RETRY_INTERVAL: Final = 1.0
-#: Read errors (a corrupt page) logged at most this often; each one is counted as a store
-#: error and answered with the fallback.
-READ_ERROR_LOG_INTERVAL: Final = 10.0
 #: How long an admin change waits for the write lock (a checkpoint holds it for milliseconds).
 ADMIN_WRITE_TIMEOUT: Final = 5.0
 #: How long the checkpointer's connection waits for the loop's short transactions.
@@ -249,7 +247,9 @@ class SQLiteStore:
         self.expired_unretried = 0
         self.expired_total = 0
         self.checkpoints_truncated = 0
-        self._read_error_logged = -READ_ERROR_LOG_INTERVAL
+        #: Read errors (a corrupt page) are each counted as a store error and answered with
+        #: the fallback; logged one line per interval with the count (policyd/lograte.py).
+        self._warnings = LogLimiter()
         self.admin = SQLiteAdmin(self)
 
     @classmethod
@@ -400,10 +400,7 @@ class SQLiteStore:
             raise StoreUnavailable(f"sqlite: {len(self._pending)} rows wait to be written")
 
     def _read_failed(self, exc: sqlite3.Error) -> StoreUnavailable:
-        now = time.monotonic()
-        if now >= self._read_error_logged + READ_ERROR_LOG_INTERVAL:
-            self._read_error_logged = now
-            logger.error("SQLite read from %s failed: %s", self.path, exc)
+        self._warnings.error(logger, "SQLite read from %s failed: %s", self.path, exc)
         return StoreUnavailable(f"sqlite: reading {self.path}: {exc}")
 
     async def durable(self, change: Callable[[sqlite3.Connection], T]) -> T:

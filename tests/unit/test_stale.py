@@ -3,7 +3,6 @@ rate-limited log line for bursts of them."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -12,11 +11,9 @@ import pytest
 from policyd.stale import (
     CLOCK_SKEW_ALLOWANCE,
     EXIM_TIMEOUT,
-    LOG_INTERVAL,
     MAX_PLAUSIBLE_AGE,
     MICROSECONDS,
     Age,
-    RateLimitedLog,
     classify,
 )
 
@@ -68,16 +65,3 @@ def test_a_time_in_the_wrong_unit_is_implausible_not_stale() -> None:
 def test_the_timeout_can_be_given() -> None:
     assert classify(asked(3.0), NOW, timeout=5.0) is Age.FRESH
     assert classify(asked(6.0), NOW, timeout=5.0) is Age.STALE
-
-
-def test_a_burst_is_one_line_with_its_count(caplog: pytest.LogCaptureFixture) -> None:
-    log = RateLimitedLog("stale questions")
-    with caplog.at_level(logging.WARNING, logger="policyd.stale"):
-        for n in range(500):
-            log.event(NOW + n * 0.001, f"question {n}")
-        assert len(caplog.records) == 1
-        assert "1 question(s)" in caplog.records[0].getMessage()
-        log.event(NOW + LOG_INTERVAL, "the next one")
-    assert len(caplog.records) == 2
-    second = caplog.records[1].getMessage()
-    assert second.startswith("stale questions: 500 question(s)") and "the next one" in second
