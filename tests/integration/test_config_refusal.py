@@ -6,10 +6,12 @@ what root would be allowed anyway runs as ``nobody`` through setpriv(1)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 from support.exim_client import ask_blocking
-from support.policyd_process import START_TIMEOUT, DaemonFactory, DaemonProcess
+from support.policyd_process import REPO, START_TIMEOUT, DaemonFactory, DaemonProcess
 from test_daemon import GREYLISTED, POLICY, rcpt
 
 from policyd.config import from_mapping
@@ -205,9 +207,28 @@ def shared_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="policyd-refusal-", dir="/tmp"))
     os.chown(path, 65534, 65534)  # nobody:nogroup, as id(1) names them here
     try:
-        yield path
+        with code_reachable_by_others():
+            yield path
     finally:
         shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def code_reachable_by_others() -> Iterator[None]:
+    """``nobody`` must reach the checkout and its .venv to run the daemon at all: a clone in
+    a 0700 directory (mktemp -d, as `make fresh-check` makes) is not. The directories above
+    the checkout that others cannot enter get o+x for the test's duration, then back."""
+    opened = []
+    for directory in [REPO, *REPO.parents]:
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            directory.chmod(mode | stat.S_IXOTH)
+            opened.append((directory, mode))
+    try:
+        yield
+    finally:
+        for directory, mode in opened:
+            directory.chmod(mode)
 
 
 def run(
