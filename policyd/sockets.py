@@ -32,11 +32,17 @@ class SocketSetupError(Exception):
     """A socket cannot be set up; the message names the path and the fix. policyd exits 2."""
 
 
-def _user() -> str:
+def effective_user() -> str | None:
+    """This process's effective user's name; None for a uid without a passwd entry
+    (containers)."""
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:  # a uid without a passwd entry (containers)
-        return str(os.geteuid())
+    except KeyError:
+        return None
+
+
+def _user() -> str:
+    return effective_user() or str(os.geteuid())
 
 
 def _primary_group() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import grp
 import os
-import pwd
 import re
 import sqlite3
 import stat
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ..sockets import directory_fix
+from ..sockets import directory_fix, effective_user
 from ..stale import EXIM_TIMEOUT
 from ..stores.keys import MIN_SECRET_BYTES, KeyHasher
 from ..stores.sqlite import SCHEMA, SCHEMA_VERSION, path_from_url
@@ -106,11 +105,8 @@ def warnings(config: Config) -> list[Problem]:
 
 def _user() -> str:
     """The user the checks are made for: this process's effective user."""
-    uid = os.geteuid()
-    try:
-        return f"{pwd.getpwuid(uid).pw_name!r}"
-    except KeyError:
-        return f"uid {uid}"
+    name = effective_user()
+    return repr(name) if name is not None else f"uid {os.geteuid()}"
 
 
 def _may(path: Path, mode: int) -> bool:
